@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The README's main job: set up (once) and run the offline demo end to end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec "${MEGAPAIRS_VENV:-.venv}/bin/megapairs" demo "$@"

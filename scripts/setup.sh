@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create .venv with megapairs and what its demo and tests need; idempotent.
+#
+# torch is installed first and pinned (a bare `torch` requirement would pull a multi-GB
+# CUDA build on a machine without one); a torch already importable by python3 (e.g. a
+# CUDA build on a GPU machine) is kept: the venv then sees the system's site-packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${MEGAPAIRS_VENV:-.venv}
+TORCH_PIN=${MEGAPAIRS_TORCH:-torch==2.13.0}
+STAMP="$VENV/.megapairs-setup"
+WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+    exit 0
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    if python3 -c "import torch" 2>/dev/null; then
+        echo "setup: keeping the installed torch $(python3 -c 'import torch; print(torch.__version__)')"
+        python3 -m venv --system-site-packages "$VENV"
+    else
+        python3 -m venv "$VENV"
+    fi
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install --quiet --upgrade pip
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "setup: installing $TORCH_PIN"
+    "$PY" -m pip install --quiet "$TORCH_PIN"
+fi
+echo "setup: installing megapairs with the demo and test extras"
+"$PY" -m pip install --quiet -e ".[demo,test,dev]"
+if "$PY" -c "import torchvision" 2>/dev/null && ! "$PY" -c "import torchvision.ops" 2>/dev/null; then
+    echo "setup: warning: a torchvision that does not match torch is installed; transformers" \
+        "will fail to import it. Remove it: $PY -m pip uninstall -y torchvision" >&2
+fi
+echo "$WANT" > "$STAMP"

@@ -1,0 +1,163 @@
+"""The `megapairs` command: parses arguments and dispatches to the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+from megapairs import __version__
+from megapairs.config import ConfigError, PipelineConfig, load_config
+
+EPILOG = """examples:
+  megapairs demo                                       # offline demo, end to end
+  megapairs synthesize --config configs/demo.yaml --input photos/ --run runs/photos
+  megapairs ingest --config configs/paper.yaml --input 'shards/{00000..00099}.tar' --run runs/dc
+  megapairs mine --run runs/photos --set mine.max_targets=5
+  megapairs summary --run runs/photos
+A command re-run on the same --run resumes: finished parts are skipped.
+Set MEGAPAIRS_DEBUG=1 to see the full traceback of an error.
+"""
+
+STEP_COMMANDS = {
+    "ingest": ("ingest",),
+    "embed": ("embed",),
+    "neighbours": ("neighbours",),
+    "mine": ("mine",),
+    "synthesize": ("ingest", "embed", "neighbours", "mine"),
+}
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="run directory (created if new)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="YAML config; default: the config stored in the run's manifest",
+    )
+    parser.add_argument("--input", help="corpus path (overrides input.path)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set mine.max_targets=5 (repeatable)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megapairs",
+        description="MegaPairs data synthesis: mine correlated image pairs from a captioned "
+        "image corpus with three similarity channels.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"megapairs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "ingest": "read, decode, validate and dedupe the corpus",
+        "embed": "embed every image/caption with each enabled channel's encoder",
+        "neighbours": "FAISS top-k neighbours per channel",
+        "mine": "mine (query, target) pairs in the similarity window, with hard negatives",
+        "synthesize": "run ingest -> embed -> neighbours -> mine",
+    }
+    for name, text in helps.items():
+        step = commands.add_parser(name, help=text, description=text)
+        add_run_options(step)
+        step.set_defaults(handler=partial(run_steps, steps=STEP_COMMANDS[name]))
+    demo = commands.add_parser("demo", help="offline demo on a generated corpus")
+    demo.set_defaults(handler=cmd_demo)
+    demo.add_argument("--run", type=Path, default=Path("runs/demo"), help="run directory")
+    demo.add_argument("--images", type=int, default=600, help="images to generate")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--config", type=Path, help="config (default: the packaged demo.yaml)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    summary = commands.add_parser("summary", help="print what a run holds")
+    summary.add_argument("--run", required=True, type=Path)
+    summary.add_argument("--examples", type=int, default=5, help="example pairs to show")
+    summary.set_defaults(handler=cmd_summary)
+    show = commands.add_parser("config", help="print the resolved config")
+    show.set_defaults(handler=cmd_config)
+    show.add_argument("--config", type=Path)
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> PipelineConfig:
+    """The config from --config (or the run's manifest), --input and --set."""
+    from megapairs.runs import RunDir
+
+    overrides = list(args.overrides)
+    if getattr(args, "input", None):
+        overrides.insert(0, f"input.path={args.input}")
+    if args.config is not None:
+        return load_config(args.config, overrides)
+    stored = RunDir(args.run).read_manifest().get("config")
+    if stored is None:
+        raise ConfigError(f"no --config given and {args.run} holds no manifest with a config")
+    config = PipelineConfig.model_validate(stored)
+    if not overrides:
+        return config
+    from megapairs.config import apply_override
+
+    data = config.model_dump(mode="json")
+    for override in overrides:
+        apply_override(data, override)
+    return PipelineConfig.model_validate(data)
+
+
+def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> int:
+    from megapairs.pipeline.report import print_stage_results
+    from megapairs.pipeline.runner import LocalRunner
+    from megapairs.pipeline.synthesize import build_stages
+    from megapairs.runs import RunDir
+
+    config = resolve_config(args)
+    runner = LocalRunner(RunDir(args.run), config, progress=not args.quiet)
+    results = runner.run_all(build_stages(config, steps))
+    return print_stage_results(results)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from megapairs.demo.run import run_demo
+
+    return run_demo(args.run, args.images, args.seed, args.config, progress=not args.quiet)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from megapairs.demo.summary import format_summary, summarize_run
+    from megapairs.runs import RunDir
+
+    print(format_summary(summarize_run(RunDir(args.run), examples=args.examples)))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    config = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        if os.environ.get("MEGAPAIRS_DEBUG"):
+            raise
+        print(f"megapairs {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Corpus ingestion: readers for each input format, image validation, the ingest stage."""

@@ -1,0 +1,167 @@
+"""What a run holds, for a person: counts, rejects, pairs per channel, score
+histograms and example pairs with their captions."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from megapairs.corpus.store import read_corpus, read_rejects
+from megapairs.runs import RunDir, concat_tables
+from megapairs.schemas import PAIRS_DIR, PAIRS_SCHEMA
+
+MINE_STAGE = "mine"
+HISTOGRAM_BINS = 10
+BAR_WIDTH = 40
+
+
+@dataclass
+class ExamplePair:
+    query: str
+    query_caption: str | None
+    target: str
+    target_caption: str | None
+    channels: dict[str, float]
+    hard_negatives: int
+
+
+@dataclass
+class RunSummary:
+    root: Path
+    stages: dict[str, dict[str, Any]]
+    images: int
+    images_with_caption: int
+    rejects: Counter[tuple[str, str]]  # (stage, reason) -> count
+    reject_examples: list[tuple[str, str, str]]
+    pairs: int
+    queries_with_pairs: int
+    pairs_per_channel: Counter[str]
+    channel_combinations: Counter[str]
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    examples: list[ExamplePair] = field(default_factory=list)
+
+
+def read_pairs(run: RunDir) -> pa.Table:
+    """All finished pairs of a run."""
+    return concat_tables(run.files(PAIRS_DIR, MINE_STAGE), PAIRS_SCHEMA)
+
+
+def channel_scores(pairs: pa.Table) -> dict[str, np.ndarray]:
+    """Every recorded in-window score, per channel."""
+    channels = pairs["channels"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    scores = pairs["channel_scores"].combine_chunks().flatten().to_numpy()
+    return {str(name): scores[channels == name] for name in np.unique(channels)}
+
+
+def example_pairs(pairs: pa.Table, corpus: pa.Table, count: int, seed: int) -> list[ExamplePair]:
+    """A seeded sample of pairs with their captions."""
+    if pairs.num_rows == 0 or count <= 0:
+        return []
+    rows = np.random.default_rng(seed).choice(pairs.num_rows, min(count, pairs.num_rows), False)
+    by_id = {row["id"]: row for row in corpus.select(["id", "key", "caption"]).to_pylist()}
+    examples = []
+    for pair in pairs.take(sorted(rows.tolist())).to_pylist():
+        query, target = by_id[pair["query_id"]], by_id[pair["target_id"]]
+        examples.append(
+            ExamplePair(
+                query=query["key"],
+                query_caption=query["caption"],
+                target=target["key"],
+                target_caption=target["caption"],
+                channels=dict(zip(pair["channels"], pair["channel_scores"], strict=True)),
+                hard_negatives=len(pair["hard_negative_ids"]),
+            )
+        )
+    return examples
+
+
+def summarize_run(run: RunDir, examples: int = 5, seed: int = 0) -> RunSummary:
+    """Read a run directory into a summary."""
+    if not run.manifest_path.exists():
+        raise FileNotFoundError(f"{run.root} is not a megapairs run (no manifest.json)")
+    corpus = read_corpus(run, columns=["id", "key", "caption", "has_caption"])
+    rejects = read_rejects(run)
+    pairs = read_pairs(run)
+    channel_lists = pairs["channels"].to_pylist()
+    return RunSummary(
+        root=run.root,
+        stages=run.read_manifest().get("stages", {}),
+        images=corpus.num_rows,
+        images_with_caption=int(np.sum(corpus["has_caption"].to_numpy(zero_copy_only=False))),
+        rejects=Counter(zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist())),
+        reject_examples=[
+            (r["uri"], r["reason"], r["detail"])
+            for r in rejects.select(["uri", "reason", "detail"]).to_pylist()[:8]
+        ],
+        pairs=pairs.num_rows,
+        queries_with_pairs=len(set(pairs["query_id"].to_pylist())),
+        pairs_per_channel=Counter(name for names in channel_lists for name in names),
+        channel_combinations=Counter("+".join(names) for names in channel_lists),
+        scores=channel_scores(pairs) if pairs.num_rows else {},
+        examples=example_pairs(pairs, corpus, examples, seed),
+    )
+
+
+def format_histogram(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> list[str]:
+    """A text histogram, one line per bin."""
+    if values.size == 0:
+        return ["    (no scores)"]
+    counts, edges = np.histogram(values, bins=bins)
+    peak = max(int(counts.max()), 1)
+    return [
+        f"    {lo:.3f}-{hi:.3f} {'#' * round(BAR_WIDTH * c / peak):<{BAR_WIDTH}} {c}"
+        for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)
+    ]
+
+
+def format_example(example: ExamplePair) -> list[str]:
+    scores = ", ".join(f"{name} {score:.3f}" for name, score in example.channels.items())
+    return [
+        f"  query  {example.query}: {example.query_caption or '(no caption)'}",
+        f"  target {example.target}: {example.target_caption or '(no caption)'}",
+        f"         found by {scores}; {example.hard_negatives} hard negatives",
+    ]
+
+
+def format_stages(stages: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["stages:"]
+    for name, entry in stages.items():
+        counts = ", ".join(f"{k} {v:,}" for k, v in entry.get("counts", {}).items())
+        state = "" if entry.get("complete") else " (incomplete)"
+        lines.append(f"  {name:<26} {counts}{state}")
+    return lines
+
+
+def format_summary(summary: RunSummary) -> str:
+    """The summary as text for a terminal."""
+    lines = [f"run {summary.root}", *format_stages(summary.stages)]
+    ingest_rejects = sum(n for (stage, _), n in summary.rejects.items() if stage == "ingest")
+    lines.append(
+        f"images: {summary.images:,} kept ({summary.images_with_caption:,} with a caption), "
+        f"{ingest_rejects:,} rejected at ingest"
+    )
+    for (stage, reason), count in sorted(summary.rejects.items()):
+        lines.append(f"  {stage} rejected {reason}: {count}")
+    for uri, reason, detail in summary.reject_examples:
+        lines.append(f"    {reason:<18} {uri}: {detail}")
+    lines.append(
+        f"pairs: {summary.pairs:,} from {summary.queries_with_pairs:,} queries "
+        f"({summary.pairs / max(summary.queries_with_pairs, 1):.2f} targets per query)"
+    )
+    for channel, count in summary.pairs_per_channel.most_common():
+        lines.append(f"  found by {channel}: {count:,}")
+    for combination, count in summary.channel_combinations.most_common():
+        lines.append(f"  exactly {combination}: {count:,}")
+    for channel, values in summary.scores.items():
+        lines.append(f"score histogram, {channel} (in-window pairs):")
+        lines.extend(format_histogram(values))
+    if summary.examples:
+        lines.append("example pairs:")
+        for example in summary.examples:
+            lines.extend(format_example(example))
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""Embedding shards: `embeddings/<channel>/part-N.npy` (float16, L2-normalised rows)
+beside `part-N.ids.npy` (int64 ids, same order). Written by the embed stage,
+read by the neighbours stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from megapairs.runs import RunDir, write_array
+from megapairs.schemas import EMBEDDINGS_DIR
+
+VECTORS_SUFFIX = ".npy"
+IDS_SUFFIX = ".ids.npy"
+
+
+def embed_stage_name(channel: str) -> str:
+    return f"embed.{channel}"
+
+
+def channel_folder(channel: str) -> str:
+    return f"{EMBEDDINGS_DIR}/{channel}"
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as float32."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def write_shard(run: RunDir, channel: str, part: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Write one part's ids and normalised float16 vectors atomically (ids first)."""
+    if len(ids) != len(vectors):
+        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+    folder = run.folder(channel_folder(channel))
+    write_array(folder / f"{part}{IDS_SUFFIX}", np.asarray(ids, dtype=np.int64))
+    write_array(folder / f"{part}{VECTORS_SUFFIX}", l2_normalise(vectors).astype(np.float16))
+
+
+def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float16 vectors) of the shard whose vectors file is `path`."""
+    ids_path = path.with_name(path.name[: -len(VECTORS_SUFFIX)] + IDS_SUFFIX)
+    return np.load(ids_path), np.load(path)
+
+
+def shard_paths(run: RunDir, channel: str) -> list[Path]:
+    """Vector files of the finished parts of a channel, in part order."""
+    # part-N.ids.npy also matches the glob but is no finished part's name, so it drops out.
+    return run.files(channel_folder(channel), embed_stage_name(channel), VECTORS_SUFFIX)
+
+
+def load_channel(run: RunDir, channel: str) -> tuple[np.ndarray, np.ndarray]:
+    """All ids and float32 vectors of a channel, concatenated in part order."""
+    shards = [read_shard(p) for p in shard_paths(run, channel)]
+    if not shards:
+        raise FileNotFoundError(f"no finished embeddings for channel {channel!r} in {run.root}")
+    ids = np.concatenate([s[0] for s in shards])
+    vectors = np.concatenate([s[1] for s in shards]).astype(np.float32)
+    return ids, vectors

@@ -1,0 +1,1 @@
+"""Encoders named by strings and built by one factory; the embed stage."""

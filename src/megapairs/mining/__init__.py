@@ -1,0 +1,1 @@
+"""Pair mining: similarity windows, channel union, targets per query, hard negatives."""

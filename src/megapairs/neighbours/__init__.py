@@ -1,0 +1,1 @@
+"""k-nearest-neighbour search per channel with FAISS; the neighbours stage."""

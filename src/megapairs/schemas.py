@@ -1,0 +1,78 @@
+"""Arrow schemas and folder names of the tables a run holds.
+
+Ids are int64 and deterministic: `part_index * PART_STRIDE + position`, where
+position is the record's place in its input part, so an id names the same
+record in every run over the same input, whatever was rejected around it.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PART_STRIDE = 1_000_000
+
+CORPUS_DIR = "corpus"
+REJECTS_DIR = "rejects"
+IMAGES_DIR = "images"
+EMBEDDINGS_DIR = "embeddings"
+NEIGHBOURS_DIR = "neighbours"
+PAIRS_DIR = "pairs"
+
+CORPUS_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("key", pa.string()),  # the record's name in its source (relative path, tar key)
+        ("uri", pa.string()),  # where the image came from, readable by a person
+        ("path", pa.string()),  # local file to reopen the image from; null when stored
+        ("sha256", pa.string()),  # of the file bytes
+        ("pixel_sha256", pa.string()),  # of the decoded RGB pixels and size (dedupe key)
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("source_format", pa.string()),  # JPEG, PNG, WEBP, ...
+        ("source_mode", pa.string()),  # mode before conversion to RGB
+        ("caption", pa.string()),  # null when missing or empty
+        ("has_caption", pa.bool_()),
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("key", pa.string()),
+        ("uri", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),  # a short code: corrupt, truncated, duplicate, ...
+        ("detail", pa.string()),  # a sentence a person can act on
+        ("duplicate_of", pa.int64()),  # kept id, for duplicates
+    ]
+)
+
+IMAGES_SCHEMA = pa.schema([("id", pa.int64()), ("image", pa.binary())])
+
+NEIGHBOURS_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("neighbour_ids", pa.list_(pa.int64())),
+        ("scores", pa.list_(pa.float32())),
+    ]
+)
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),  # "<query id>-<target id>"
+        ("query_id", pa.int64()),
+        ("target_id", pa.int64()),
+        ("rank", pa.int32()),  # the target's place among its query's targets
+        ("channels", pa.list_(pa.string())),  # channels that found the target in window
+        ("channel_scores", pa.list_(pa.float32())),  # aligned with channels
+        ("hard_negative_ids", pa.list_(pa.int64())),
+        ("hard_negative_topped_up", pa.int32()),  # how many came from outside the window
+    ]
+)
+
+
+def record_id(part: int, position: int) -> int:
+    """The id of the record at `position` of input part `part`."""
+    if not 0 <= position < PART_STRIDE:
+        raise ValueError(f"a part holds at most {PART_STRIDE} records, got position {position}")
+    return part * PART_STRIDE + position
