@@ -266,7 +266,7 @@ def write_results(path: Path, args: argparse.Namespace, body: str, loads: tuple[
         f"- command: `{command}`",
         "",
     ]
-    path.write_text("\n".join(header) + body + "\n")
+    path.write_text("\n".join(header) + "\n" + body + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,15 +56,21 @@ def config(corpus: SceneCorpus, tiny_clip, tiny_dinov2) -> PipelineConfig:
         "mine.max_targets=3",
         "mine.num_hard_negatives=4",
     ]
-    overrides += [f"channels.{ch}.window={WIDE_WINDOW}" for ch in ("image_semantic", "image_pattern", "caption")]
+    overrides += [
+        f"channels.{ch}.window={WIDE_WINDOW}"
+        for ch in ("image_semantic", "image_pattern", "caption")
+    ]
     return load_config(PAPER, overrides)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, config: PipelineConfig) -> RunDir:
     run = RunDir(tmp_path_factory.mktemp("reference"))
-    LocalRunner(run, config, progress=False).run_all(build_stages(config))
+    LocalRunner(run, config, progress=False).run_all(build_stages(config, progress=False))
     return run
+
+
+TIMED_METADATA = {"manifest.json", "index.json"}  # hold timestamps or build times
 
 
 def run_contents(run: RunDir) -> dict[str, object]:
@@ -72,7 +78,7 @@ def run_contents(run: RunDir) -> dict[str, object]:
     contents: dict[str, object] = {}
     for path in sorted(run.root.rglob("*")):
         name = str(path.relative_to(run.root))
-        if path.is_dir() or name == "manifest.json":
+        if path.is_dir() or path.name in TIMED_METADATA:
             continue
         if path.suffix == ".parquet":
             contents[name] = pq.read_table(path).to_pylist()
@@ -135,16 +141,16 @@ def test_crash_mid_stage_then_resume_is_identical(
     run = RunDir(tmp_path / "run")
     monkeypatch.setattr(RunDir, "mark_done", crashing_mark_done)
     with pytest.raises(Crash):
-        LocalRunner(run, config, progress=False).run_all(build_stages(config))
+        LocalRunner(run, config, progress=False).run_all(build_stages(config, progress=False))
     monkeypatch.setattr(RunDir, "mark_done", original)
-    results = LocalRunner(run, config, progress=False).run_all(build_stages(config))
+    results = LocalRunner(run, config, progress=False).run_all(build_stages(config, progress=False))
     assert any(r.name == stage and 0 < r.computed < r.parts for r in results)
     assert run_contents(run) == run_contents(reference)
 
 
 def test_kill_9_then_same_command_is_identical(tmp_path, config: PipelineConfig, reference):
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     run = RunDir(tmp_path / "run")
     command = [sys.executable, "-m", "megapairs.cli", "synthesize", "--config", str(config_file)]
     command += ["--run", str(run.root), "--quiet"]
@@ -157,5 +163,7 @@ def test_kill_9_then_same_command_is_identical(tmp_path, config: PipelineConfig,
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (run.root / "_progress" / "mine").exists()
-    assert main(["synthesize", "--config", str(config_file), "--run", str(run.root), "--quiet"]) == 0
+    assert (
+        main(["synthesize", "--config", str(config_file), "--run", str(run.root), "--quiet"]) == 0
+    )
     assert run_contents(run) == run_contents(reference)

@@ -119,7 +119,7 @@ def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> int:
 
     config = resolve_config(args)
     runner = LocalRunner(RunDir(args.run), config, progress=not args.quiet)
-    results = runner.run_all(build_stages(config, steps))
+    results = runner.run_all(build_stages(config, steps, progress=not args.quiet))
     return print_stage_results(results)
 
 

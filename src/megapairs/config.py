@@ -111,7 +111,7 @@ class PipelineConfig(Section):
         to detect a changed config on resume."""
         data = self.model_dump(mode="json")
         picked = {name: _lookup(data, name) for name in sections}
-        text = json.dumps(picked, sort_keys=True)
+        text = json.dumps(picked)  # order matters: channel order decides the pairs
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

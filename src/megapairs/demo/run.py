@@ -119,7 +119,7 @@ def run_demo(
     print(f"demo: generating {images} captioned scenes (seed {seed}) in {run.root / INPUT_FOLDER}")
     corpus = generate_scene_corpus(run.root / INPUT_FOLDER, images, seed, overwrite=True)
     config = demo_config(config_path, corpus, seed)
-    results = LocalRunner(run, config, progress).run_all(build_stages(config))
+    results = LocalRunner(run, config, progress).run_all(build_stages(config, progress=progress))
     resumed = [r for r in results if r.computed < r.parts]
     if resumed:
         print("resumed:\n" + format_results(resumed))

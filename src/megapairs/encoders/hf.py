@@ -192,6 +192,19 @@ def _name(encoder: str, model: str) -> str:
     return f"{encoder}:{model}"
 
 
+def load_tower(model_class: Any, model: str, config: Any) -> Any:
+    """One tower of a two-tower checkpoint; the other tower's weights are expected to be
+    left over, so transformers' report of them is silenced (real errors still raise)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return model_class.from_pretrained(model, config=config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 # CLIP ----------------------------------------------------------------------
 
 
@@ -203,7 +216,7 @@ def build_clip_image(
 
     parse_options(NoOptions, options, "clip-image")
     config = tower_config(model, "vision")
-    network = CLIPVisionModelWithProjection.from_pretrained(model, config=config)
+    network = load_tower(CLIPVisionModelWithProjection, model, config)
     return HFImageEncoder(
         _name("clip-image", model),
         network,
@@ -226,7 +239,7 @@ def build_clip_text(
     tokenizer = AutoTokenizer.from_pretrained(model)
     return HFTextEncoder(
         _name("clip-text", model),
-        CLIPTextModelWithProjection.from_pretrained(model, config=config),
+        load_tower(CLIPTextModelWithProjection, model, config),
         tokenizer,
         pool=lambda output: output.text_embeds,
         dim=int(config.projection_dim),
@@ -246,7 +259,7 @@ def build_siglip_image(
     from transformers import SiglipVisionModel
 
     parse_options(NoOptions, options, "siglip-image")
-    network = SiglipVisionModel.from_pretrained(model)
+    network = load_tower(SiglipVisionModel, model, None)
     return HFImageEncoder(
         _name("siglip-image", model),
         network,
@@ -265,7 +278,7 @@ def build_siglip_text(
     from transformers import AutoTokenizer, SiglipTextModel
 
     parsed = parse_options(TextOptions, options, "siglip-text")
-    network = SiglipTextModel.from_pretrained(model)
+    network = load_tower(SiglipTextModel, model, None)
     tokenizer = AutoTokenizer.from_pretrained(model)
     return HFTextEncoder(
         _name("siglip-text", model),

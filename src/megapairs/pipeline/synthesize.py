@@ -10,31 +10,32 @@ from megapairs.pipeline.stage import Stage
 STEPS = ("ingest", "embed", "neighbours", "mine")
 
 
-def ingest_stages(config: PipelineConfig) -> list[Stage]:
+def ingest_stages(config: PipelineConfig, progress: bool) -> list[Stage]:
     from megapairs.corpus.ingest import IngestStage
 
     return [IngestStage(config)]
 
 
-def embed_stages(config: PipelineConfig) -> list[Stage]:
+def embed_stages(config: PipelineConfig, progress: bool) -> list[Stage]:
     from megapairs.encoders.stage import EmbedStage
 
-    return [EmbedStage(config, channel) for channel in config.enabled_channels()]
+    return [EmbedStage(config, channel, progress) for channel in config.enabled_channels()]
 
 
-def neighbours_stages(config: PipelineConfig) -> list[Stage]:
+def neighbours_stages(config: PipelineConfig, progress: bool) -> list[Stage]:
     from megapairs.neighbours.stage import NeighboursStage
 
     return [NeighboursStage(config, channel) for channel in config.enabled_channels()]
 
 
-def mine_stages(config: PipelineConfig) -> list[Stage]:
+def mine_stages(config: PipelineConfig, progress: bool) -> list[Stage]:
     from megapairs.mining.stage import MineStage
 
     return [MineStage(config)]
 
 
-STAGE_BUILDERS: dict[str, Callable[[PipelineConfig], list[Stage]]] = {
+# step -> builder(config, progress): the progress flag reaches stages with inner bars.
+STAGE_BUILDERS: dict[str, Callable[[PipelineConfig, bool], list[Stage]]] = {
     "ingest": ingest_stages,
     "embed": embed_stages,
     "neighbours": neighbours_stages,
@@ -42,8 +43,11 @@ STAGE_BUILDERS: dict[str, Callable[[PipelineConfig], list[Stage]]] = {
 }
 
 
-def build_stages(config: PipelineConfig, steps: tuple[str, ...] = STEPS) -> list[Stage]:
+def build_stages(
+    config: PipelineConfig, steps: tuple[str, ...] = STEPS, progress: bool = True
+) -> list[Stage]:
     """The stages of the named steps, in pipeline order."""
     if not config.enabled_channels() and set(steps) - {"ingest"}:
         raise ValueError("no channel is enabled; enable at least one under `channels`")
-    return [stage for step in STEPS if step in steps for stage in STAGE_BUILDERS[step](config)]
+    builders = [STAGE_BUILDERS[step] for step in STEPS if step in steps]
+    return [stage for build in builders for stage in build(config, progress)]
