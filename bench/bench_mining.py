@@ -33,7 +33,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import SyntheticSpec, write_synthetic_run
 
 from megapairs.config import PipelineConfig, apply_override
+from megapairs.embeddings import read_shard, shard_paths
 from megapairs.mining.stage import MineStage
+from megapairs.neighbours.search import unit_rows
 from megapairs.neighbours.stage import NeighboursStage, neighbours_folder
 from megapairs.pipeline.runner import LocalRunner
 from megapairs.pipeline.stage import Stage
@@ -74,12 +79,18 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         size=args.n,
         dims=CHANNEL_DIMS,
         clusters=args.clusters,
+        sigma=_pair(args.sigma),
         shard_size=args.shard_size,
         seed=args.seed,
     )
     started = time.perf_counter()
     parts = write_synthetic_run(RunDir(args.run), spec)
     return {"parts": len(parts), "seconds": time.perf_counter() - started}
+
+
+def _pair(text: str) -> tuple[float, float]:
+    low, high = (float(v) for v in text.split(","))
+    return low, high
 
 
 def pipeline(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,6 +102,8 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
     stages: dict[str, Any] = {}
     started = time.perf_counter()
     for name in args.stages.split(","):
+        if name not in STAGE_SETS:
+            raise ValueError(f"unknown stage set {name!r}; known: {', '.join(STAGE_SETS)}")
         for make_stage in STAGE_SETS[name](config):
             stage = make_stage()  # one at a time: a stage's index is freed with it
             t0 = time.perf_counter()
@@ -98,12 +111,12 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
             stages[stage.name] = {
                 "seconds": time.perf_counter() - t0,
                 "counts": result.counts,
-                "peak_rss_gb_so_far": _peak_rss_gb(),
+                "peak_rss_gib_so_far": _peak_rss_gib(),
             }
             del stage
     return {
         "seconds": time.perf_counter() - started,
-        "peak_rss_gb": _peak_rss_gb(),
+        "peak_rss_gib": _peak_rss_gib(),
         "stages": stages,
     }
 
@@ -119,7 +132,7 @@ def _mine_stages(config: PipelineConfig) -> list[Callable[[], Stage]]:
 STAGE_SETS = {"neighbours": _neighbours_stages, "mine": _mine_stages}
 
 
-def _peak_rss_gb() -> float:
+def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -141,6 +154,7 @@ def embeddings_run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         f"--run={root}",
         f"--n={args.n}",
         f"--clusters={args.clusters}",
+        f"--sigma={args.sigma}",
         f"--shard-size={args.shard_size}",
         f"--seed={args.seed}",
     )
@@ -208,13 +222,19 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     linked_copy(out / "embeddings", run_root, bench_config(args.set))
     started = time.perf_counter()
     result = _child("pipeline", f"--run={run_root}", "--stages=neighbours,mine")
+    wall = time.perf_counter() - started
+    k = bench_config(args.set).neighbours.k
     return {
         "scenario": "scale",
         "n": args.n,
         "generate_seconds": generated["seconds"],
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": wall,
         "pipeline": result,
         "index": _index_info(run_root),
+        "recall_sample": args.recall_sample,
+        "sampled_recall_at_k": {
+            c: sampled_recall(run_root, c, k, args.recall_sample, args.seed) for c in CHANNEL_DIMS
+        },
     }
 
 
@@ -240,6 +260,44 @@ def _neighbour_lists(run: Path, channel: str) -> tuple[np.ndarray, list[list[int
     tables = [pq.read_table(f) for f in files]
     ids = np.concatenate([t["id"].to_numpy() for t in tables])
     return ids, [row for t in tables for row in t["neighbour_ids"].to_pylist()]
+
+
+def sampled_recall(run: Path, channel: str, k: int, sample: int, seed: int) -> float:
+    """recall@k of a run's neighbour lists for `sample` random queries, against exact
+    top-k computed shard by shard (brute force, so it works at any N)."""
+    paths = shard_paths(RunDir(run), channel)
+    all_ids = np.concatenate([read_shard(p)[0] for p in paths])
+    picked = np.sort(np.random.default_rng(seed).choice(len(all_ids), sample, replace=False))
+    queries, query_ids, start = [], [], 0
+    for path in paths:
+        ids, vectors = read_shard(path)
+        local = picked[(picked >= start) & (picked < start + len(ids))] - start
+        queries.append(vectors[local])
+        query_ids.append(ids[local])
+        start += len(ids)
+    query_ids_all = np.concatenate(query_ids)
+    rows = unit_rows(np.concatenate(queries))
+    heap = faiss.ResultHeap(len(rows), k + 1, keep_max=True)
+    for path in paths:
+        ids, vectors = read_shard(path)
+        scores, hits = faiss.knn(rows, unit_rows(vectors), k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, np.where(hits >= 0, ids[hits], -1))
+    heap.finalize()
+    exact = {
+        q: [i for i in row if i != q][:k] for q, row in zip(query_ids_all, heap.I, strict=True)
+    }
+    found = _lists_of(run, channel, query_ids_all)
+    return float(np.mean([len(set(exact[q]) & set(found[q])) / len(exact[q]) for q in exact]))
+
+
+def _lists_of(run: Path, channel: str, query_ids: np.ndarray) -> dict[int, list[int]]:
+    found: dict[int, list[int]] = {}
+    wanted = pa.array(query_ids)
+    for path in sorted((run / neighbours_folder(channel)).glob("part-*.parquet")):
+        table = pq.read_table(path)
+        table = table.filter(pc.is_in(table["id"], value_set=wanted))
+        found.update(zip(table["id"].to_pylist(), table["neighbour_ids"].to_pylist(), strict=True))
+    return found
 
 
 def recall_at_k(exact_run: Path, approx_run: Path, channel: str) -> float:
@@ -292,14 +350,16 @@ def markdown(result: dict[str, Any], command: str) -> str:
         pipe = result["pipeline"]
         lines += [
             f"- N={result['n']}: pipeline wall {pipe['seconds']:.0f} s, peak RSS "
-            f"{pipe['peak_rss_gb']:.2f} GiB (generation {result['generate_seconds']:.0f} s, "
+            f"{pipe['peak_rss_gib']:.2f} GiB (generation {result['generate_seconds']:.0f} s, "
             "separate process)",
             *(
                 f"  - {name}: {s['seconds']:.0f} s, peak RSS so far "
-                f"{s['peak_rss_gb_so_far']:.2f} GiB, counts {s['counts']}"
+                f"{s['peak_rss_gib_so_far']:.2f} GiB, counts {s['counts']}"
                 for name, s in pipe["stages"].items()
             ),
             f"- index: {result['index']}",
+            f"- recall@k of {result['recall_sample']} sampled queries vs brute force: "
+            + ", ".join(f"{c} {r:.4f}" for c, r in result["sampled_recall_at_k"].items()),
         ]
     return "\n".join(lines)
 
@@ -341,6 +401,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
         )
         sub.add_argument("--json", help="also write the result as JSON here")
+        if name == "scale":
+            sub.add_argument(
+                "--recall-sample",
+                type=int,
+                default=2000,
+                help="queries whose recall@k is checked against brute force (after the run)",
+            )
         if name == "compare":
             sub.add_argument(
                 "--variant",
@@ -363,6 +430,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", type=int, default=3000, help="synthetic clusters per channel")
+    parser.add_argument(
+        "--sigma",
+        default="0.3,0.6",
+        help="range of per-cluster noise scales (larger: looser clusters, harder for IVF)",
+    )
     parser.add_argument("--shard-size", type=int, default=100_000, help="images per part")
     parser.add_argument("--seed", type=int, default=0)
 

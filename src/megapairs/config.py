@@ -80,7 +80,7 @@ class NeighboursConfig(Section):
     nlist: int = Field(0, ge=0)
     nprobe: int = Field(16, ge=1)
     train_size: int = Field(0, ge=0)
-    query_block: int = Field(16_384, ge=1)
+    query_block: int = Field(65_536, ge=1)
     gpu: Literal["auto", "never", "always"] = "auto"
 
 

@@ -39,10 +39,14 @@ def write_shard(run: RunDir, channel: str, part: str, ids: np.ndarray, vectors: 
     write_array(folder / f"{part}{VECTORS_SUFFIX}", l2_normalise(vectors).astype(np.float16))
 
 
+def ids_path(vectors_path: Path) -> Path:
+    """The ids file beside a shard's vectors file (part-N.npy -> part-N.ids.npy)."""
+    return vectors_path.with_name(vectors_path.name[: -len(VECTORS_SUFFIX)] + IDS_SUFFIX)
+
+
 def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids, float16 vectors) of the shard whose vectors file is `path`."""
-    ids_path = path.with_name(path.name[: -len(VECTORS_SUFFIX)] + IDS_SUFFIX)
-    return np.load(ids_path), np.load(path)
+    return np.load(ids_path(path)), np.load(path)
 
 
 def shard_paths(run: RunDir, channel: str) -> list[Path]:

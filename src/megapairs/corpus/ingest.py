@@ -28,14 +28,13 @@ import pyarrow as pa
 from megapairs.config import InputConfig, PipelineConfig
 from megapairs.corpus.images import ImageLimits, ImageRejected, decode_image
 from megapairs.corpus.readers import InputPart, SourceRecord, plan_input, read_part
-from megapairs.corpus.store import INGEST_STAGE
+from megapairs.corpus.store import INGEST_STAGE, rejects_path
 from megapairs.runs import RunDir, part_index, part_name, read_table, write_json, write_table
 from megapairs.schemas import (
     CORPUS_DIR,
     CORPUS_SCHEMA,
     IMAGES_DIR,
     IMAGES_SCHEMA,
-    REJECTS_DIR,
     REJECTS_SCHEMA,
     record_id,
 )
@@ -310,7 +309,7 @@ class IngestStage:
         else:
             images_path.unlink(missing_ok=True)  # a stale file from an interrupted run
         write_table(
-            run.part_path(REJECTS_DIR, part),
+            rejects_path(run, INGEST_STAGE, part),
             pa.Table.from_pylist(tables.rejects, schema=REJECTS_SCHEMA),
         )
         write_table(

@@ -93,7 +93,9 @@ def summarize_run(run: RunDir, examples: int = 5, seed: int = 0) -> RunSummary:
         stages=run.read_manifest().get("stages", {}),
         images=corpus.num_rows,
         images_with_caption=int(np.sum(corpus["has_caption"].to_numpy(zero_copy_only=False))),
-        rejects=Counter(zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist())),
+        rejects=Counter(
+            zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist(), strict=True)
+        ),
         reject_examples=[
             (r["uri"], r["reason"], r["detail"])
             for r in rejects.select(["uri", "reason", "detail"]).to_pylist()[:8]

@@ -28,12 +28,18 @@ from tqdm.auto import tqdm
 
 from megapairs.config import EmbedConfig, PipelineConfig
 from megapairs.corpus.images import ImageRejected, open_rgb
-from megapairs.corpus.store import corpus_parts, load_image_bytes, read_corpus, read_part_images
+from megapairs.corpus.store import (
+    corpus_parts,
+    load_image_bytes,
+    read_corpus,
+    read_part_images,
+    rejects_path,
+)
 from megapairs.embeddings import channel_folder, embed_stage_name, write_shard
 from megapairs.encoders.base import Encoder, ImageEncoder, Preprocessor, TextEncoder
 from megapairs.encoders.factory import build_encoder
 from megapairs.runs import RunDir, write_json, write_table
-from megapairs.schemas import REJECTS_DIR, REJECTS_SCHEMA
+from megapairs.schemas import REJECTS_SCHEMA
 
 ENCODER_INFO = "encoder.json"
 
@@ -192,7 +198,7 @@ class EmbedStage:
 
     def _write_rejects(self, run: RunDir, part: str, failures: list[ImageItem]) -> None:
         """rejects/embed.<channel>-part-N.parquet, or no file (and no stale one) if none."""
-        path = run.part_path(REJECTS_DIR, f"{self.name}-{part}")
+        path = rejects_path(run, self.name, part)
         if not failures:
             path.unlink(missing_ok=True)
             return

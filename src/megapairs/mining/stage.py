@@ -11,19 +11,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from megapairs.config import PipelineConfig
+from megapairs.corpus.store import rejects_path
 from megapairs.mining.mine import Window, mine_part, unpaired_rejects
+from megapairs.neighbours.stage import neighbours_folder, neighbours_stage_name
 from megapairs.runs import RunDir, read_table, write_table
-from megapairs.schemas import NEIGHBOURS_DIR, PAIRS_DIR, REJECTS_DIR
+from megapairs.schemas import PAIRS_DIR
 
 STAGE_NAME = "mine"
-
-
-def neighbours_stage_name(channel: str) -> str:
-    return f"{NEIGHBOURS_DIR}.{channel}"
-
-
-def neighbours_folder(channel: str) -> str:
-    return f"{NEIGHBOURS_DIR}/{channel}"
 
 
 class MineStage:
@@ -64,7 +58,7 @@ class MineStage:
         pairs = mine_part(neighbours, self.windows, self.config.mine)
         rejects = unpaired_rejects(neighbours, self.windows, pairs, STAGE_NAME)
         write_table(run.part_path(PAIRS_DIR, part), pairs)
-        write_table(run.folder(REJECTS_DIR) / f"{STAGE_NAME}-{part}.parquet", rejects)
+        write_table(rejects_path(run, STAGE_NAME, part), rejects)
         queries = int(pc.count_distinct(pairs["query_id"]).as_py()) + rejects.num_rows
         return {"queries": queries, **pair_counts(pairs, list(self.windows))}
 

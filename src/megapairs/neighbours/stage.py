@@ -22,10 +22,10 @@ import pyarrow as pa
 
 from megapairs.config import PipelineConfig
 from megapairs.embeddings import (
-    IDS_SUFFIX,
     VECTORS_SUFFIX,
     channel_folder,
     embed_stage_name,
+    ids_path,
     read_shard,
     shard_paths,
 )
@@ -60,10 +60,6 @@ class IndexOutOfDate(RuntimeError):
 
 def _part_of(vectors_path: Path) -> str:
     return vectors_path.name[: -len(VECTORS_SUFFIX)]
-
-
-def _ids_path(vectors_path: Path) -> Path:
-    return vectors_path.with_name(_part_of(vectors_path) + IDS_SUFFIX)
 
 
 class ShardVectors(Sequence[np.ndarray]):
@@ -187,7 +183,7 @@ class NeighboursStage:
             raise FileNotFoundError(
                 f"no finished embeddings for channel {self.channel!r} in {run.root}"
             )
-        ids = np.concatenate([np.load(_ids_path(p)) for p in paths])
+        ids = np.concatenate([np.load(ids_path(p)) for p in paths])
         started = time.perf_counter()
         try:
             index = build_index(ShardVectors(paths), self.config.neighbours, self.config.seed, gpu)
