@@ -53,7 +53,8 @@ CHANNEL = "image"
 PART = "part-00000"
 SWEEP_BATCH_SIZES = (16, 32, 64)
 SWEEP_WORKERS = (0, 1, 2)
-DEFAULT_RESULTS = Path(__file__).resolve().parent / "RESULTS-embed.md"
+# Written under bench/out/ (not tracked); the reading goes into bench/RESULTS.md by hand.
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "out" / "embed.md"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -266,6 +267,7 @@ def write_results(path: Path, args: argparse.Namespace, body: str, loads: tuple[
         f"- command: `{command}`",
         "",
     ]
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(header) + "\n" + body + "\n")
 
 

@@ -80,6 +80,13 @@ def example_pairs(pairs: pa.Table, corpus: pa.Table, count: int, seed: int) -> l
     return examples
 
 
+def reject_examples(rejects: pa.Table, count: int = 8) -> list[tuple[str, str, str]]:
+    """(where, reason, detail) of the first rejects, ingest's first; where is the uri,
+    or the record id for later stages' rejects."""
+    rows = sorted(rejects.to_pylist(), key=lambda row: row["stage"] != "ingest")[:count]
+    return [(row["uri"] or f"record {row['id']}", row["reason"], row["detail"]) for row in rows]
+
+
 def summarize_run(run: RunDir, examples: int = 5, seed: int = 0) -> RunSummary:
     """Read a run directory into a summary."""
     if not run.manifest_path.exists():
@@ -96,10 +103,7 @@ def summarize_run(run: RunDir, examples: int = 5, seed: int = 0) -> RunSummary:
         rejects=Counter(
             zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist(), strict=True)
         ),
-        reject_examples=[
-            (r["uri"], r["reason"], r["detail"])
-            for r in rejects.select(["uri", "reason", "detail"]).to_pylist()[:8]
-        ],
+        reject_examples=reject_examples(rejects),
         pairs=pairs.num_rows,
         queries_with_pairs=len(set(pairs["query_id"].to_pylist())),
         pairs_per_channel=Counter(name for names in channel_lists for name in names),
