@@ -31,3 +31,22 @@ def test_bad_override_is_a_clear_error(tmp_path, capsys):
     args = ["ingest", "--run", str(tmp_path), "--config", str(PAPER), "--set", "ingest.min_sid=3"]
     assert main(args) == 2
     assert "min_sid" in capsys.readouterr().err
+
+
+def test_steps_reuse_the_config_stored_in_the_run(tmp_path, capsys):
+    from megapairs.demo.scenes import generate_scene_corpus
+
+    corpus = generate_scene_corpus(tmp_path / "scenes", 12, seed=1)
+    run = str(tmp_path / "run")
+    args = ["ingest", "--config", str(PAPER), "--input", str(corpus.images_dir), "--run", run]
+    assert main([*args, "--set", "ingest.min_side=32", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"records {corpus.n_files}" in printed
+    assert f"kept {corpus.n_images}" in printed
+    # A second step without --config reads the manifest's config; ingest is already done.
+    assert main(["ingest", "--run", run, "--quiet"]) == 0
+    assert "1 of 1 parts already done" in capsys.readouterr().out
+    assert main(["summary", "--run", run]) == 0
+    summary = capsys.readouterr().out
+    assert f"images: {corpus.n_images} kept" in summary
+    assert "ingest rejected truncated: 1" in summary

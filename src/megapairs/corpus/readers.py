@@ -153,6 +153,22 @@ def _row_ranges(rows: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
+def _row_parts(reader: str, path: Path, rows: int, config: InputConfig) -> list[InputPart]:
+    """Parts of at most `config.shard_size` consecutive rows of one table file."""
+    return [
+        InputPart(
+            reader,
+            str(path),
+            start=start,
+            stop=stop,
+            image_column=config.image_column,
+            caption_column=config.caption_column,
+            image_root=_absolute_root(config),
+        )
+        for start, stop in _row_ranges(rows, config.shard_size)
+    ]
+
+
 def _resolve(value: str, base: Path) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else base / path
@@ -290,18 +306,7 @@ class ManifestReader:
         parts = []
         for path in _input_files(config.path, MANIFEST_SUFFIXES, "manifest"):
             table = _load_manifest(str(path), config.image_column, config.caption_column)
-            parts += [
-                InputPart(
-                    "manifest",
-                    str(path),
-                    start=start,
-                    stop=stop,
-                    image_column=config.image_column,
-                    caption_column=config.caption_column,
-                    image_root=_absolute_root(config),
-                )
-                for start, stop in _row_ranges(table.num_rows, config.shard_size)
-            ]
+            parts += _row_parts("manifest", path, table.num_rows, config)
         return parts
 
     def read(self, part: InputPart) -> Iterator[SourceRecord]:
@@ -496,18 +501,7 @@ class ParquetReader:
                     "not binary or a struct with `bytes`; use input.format=manifest for paths"
                 )
             rows = pq.ParquetFile(path).metadata.num_rows
-            parts += [
-                InputPart(
-                    "parquet",
-                    str(path),
-                    start=start,
-                    stop=stop,
-                    image_column=config.image_column,
-                    caption_column=config.caption_column,
-                    image_root=_absolute_root(config),
-                )
-                for start, stop in _row_ranges(rows, config.shard_size)
-            ]
+            parts += _row_parts("parquet", path, rows, config)
         return parts
 
     def read(self, part: InputPart) -> Iterator[SourceRecord]:
