@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Create .venv with megapairs and what its demo and tests need; idempotent.
+# Install megapairs with what its demo and tests need; idempotent.
 #
-# torch is installed first and pinned (a bare `torch` requirement would pull a multi-GB
-# CUDA build on a machine without one); a torch already importable by python3 (e.g. a
-# CUDA build on a GPU machine) is kept: the venv then sees the system's site-packages.
+# The environment is the active virtualenv/conda environment if there is one, else ./.venv
+# (see scripts/env.sh). torch is installed first and pinned (a bare `torch` requirement
+# would pull a multi-GB CUDA build on a machine without one); a torch the environment
+# already has is kept, and a new .venv sees the system's site-packages when python3
+# already imports a torch (e.g. a CUDA build on a GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/env.sh
 
-VENV=${MEGAPAIRS_VENV:-.venv}
+VENV=$MEGAPAIRS_ENV
 TORCH_PIN=${MEGAPAIRS_TORCH:-torch==2.13.0}
 STAMP="$VENV/.megapairs-setup"
-WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+WANT=$(cat pyproject.toml scripts/setup.sh scripts/env.sh | sha256sum | cut -c1-16)
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
     exit 0

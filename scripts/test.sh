@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${MEGAPAIRS_VENV:-.venv}/bin/python" -m pytest "$@"
+. scripts/env.sh
+exec "$MEGAPAIRS_ENV/bin/python" -m pytest "$@"

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 
 from megapairs.corpus.store import read_corpus
-from megapairs.demo.run import attribute_agreement, run_demo
+from megapairs.demo.run import attribute_agreement, demo_input_dir, run_demo
 from megapairs.demo.scenes import read_attributes
 from megapairs.demo.summary import read_pairs
+from megapairs.pipeline.runner import StageConfigChanged
 from megapairs.runs import RunDir
 
 N_IMAGES = 200
@@ -34,9 +35,15 @@ def test_demo_passes_its_own_checks(demo_run):
     assert stages["mine"]["counts"]["pairs"] > N_IMAGES
 
 
+def test_demo_refuses_to_mix_another_corpus_into_its_run(demo_run, capsys):
+    run, _ = demo_run
+    with pytest.raises(StageConfigChanged, match="another config"):
+        run_demo(run.root, N_IMAGES + 10, seed=0, config_path=None, progress=False)
+
+
 def test_mined_pairs_share_attributes_far_more_often_than_random_pairs(demo_run):
     run, _ = demo_run
-    truth = read_attributes(run.root / "input" / "attributes.jsonl")
+    truth = read_attributes(demo_input_dir(run.root, N_IMAGES, 0) / "attributes.jsonl")
     agreement = attribute_agreement(read_pairs(run), read_corpus(run), truth, seed=0)
     assert agreement.mined_mean >= MINED_AT_LEAST
     assert agreement.random_mean <= RANDOM_AT_MOST

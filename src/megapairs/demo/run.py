@@ -42,6 +42,12 @@ class Agreement:
         return float(np.mean(list(self.random.values())))
 
 
+def demo_input_dir(run_root: Path, images: int, seed: int) -> Path:
+    """Where the demo writes its corpus: named by size and seed, so another size or seed
+    changes the config's input path and the run directory refuses to mix the two."""
+    return Path(run_root) / INPUT_FOLDER / f"scenes-n{images}-seed{seed}"
+
+
 def demo_config_path() -> Path:
     return Path(str(resources.files("megapairs") / "configs" / "demo.yaml"))
 
@@ -116,8 +122,9 @@ def run_demo(
     """Generate the corpus, run every stage, print the summary; 0 when all checks hold."""
     started = time.perf_counter()
     run = RunDir(run_root)
-    print(f"demo: generating {images} captioned scenes (seed {seed}) in {run.root / INPUT_FOLDER}")
-    corpus = generate_scene_corpus(run.root / INPUT_FOLDER, images, seed, overwrite=True)
+    folder = demo_input_dir(run.root, images, seed)
+    print(f"demo: generating {images} captioned scenes (seed {seed}) in {folder}")
+    corpus = generate_scene_corpus(folder, images, seed, overwrite=True)
     config = demo_config(config_path, corpus, seed)
     results = LocalRunner(run, config, progress).run_all(build_stages(config, progress=progress))
     resumed = [r for r in results if r.computed < r.parts]
