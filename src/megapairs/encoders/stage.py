@@ -17,7 +17,8 @@ Counts per part: `embedded`, `failed`, `skipped_no_caption`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,19 @@ from megapairs.runs import RunDir, write_json, write_table
 from megapairs.schemas import REJECTS_SCHEMA
 
 ENCODER_INFO = "encoder.json"
+
+
+@contextmanager
+def loading_bars(shown: bool) -> Iterator[None]:
+    """Show or hide transformers' weight-loading progress bars while building a model."""
+    from transformers.utils import logging as hf_logging
+
+    was_shown = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was_shown else hf_logging.disable_progress_bar)()
 
 
 # image records -------------------------------------------------------------
@@ -163,7 +177,8 @@ class EmbedStage:
         """The channel's encoder, built on first use."""
         if self._encoder is None:
             embed = self.config.embed
-            self._encoder = build_encoder(self.channel_config, embed.device, embed.dtype)
+            with loading_bars(self.progress):
+                self._encoder = build_encoder(self.channel_config, embed.device, embed.dtype)
         return self._encoder
 
     def plan(self, run: RunDir) -> list[str]:
