@@ -320,6 +320,18 @@ def test_resume_uses_the_stored_plan_even_if_files_were_added(tmp_path):
     assert read_corpus(RunDir(tmp_path / "run")).column("key").to_pylist() == ["a.jpg", "b.jpg"]
 
 
+def test_resume_refuses_a_manifest_that_changed_since_planning(tmp_path):
+    write_files(tmp_path / "in", {"x.jpg": jpeg_bytes(1), "y.jpg": jpeg_bytes(2)})
+    rows = [{"path": "x.jpg", "alt": "one"}, {"path": "y.jpg", "alt": "two"}]
+    manifest = write_manifest(tmp_path / "in" / "list.csv", rows)
+    config = make_config(manifest, image_column="path", caption_column="alt", shard_size=1)
+    run_ingest(tmp_path / "run", config)
+    write_manifest(manifest, [rows[1], rows[0], {"path": "x.jpg", "alt": "three"}])
+    (tmp_path / "run" / "_progress" / "ingest" / "part-00001.json").unlink()
+    with pytest.raises(RuntimeError, match=r"input changed since this run planned it: .*list\.csv"):
+        run_ingest(tmp_path / "run", config)
+
+
 def test_a_changed_input_config_is_replanned_in_a_fresh_run(tmp_path):
     folder = write_files(tmp_path / "in", {"a.jpg": jpeg_bytes(1), "b.jpg": jpeg_bytes(2)})
     run = RunDir(tmp_path / "run")

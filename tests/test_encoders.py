@@ -312,7 +312,7 @@ def test_efficientnet_rejects_unknown_blocks():
 
 
 def test_efficientnet_weights_path_must_exist(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"weights not found: .*missing\.pth"):
+    with pytest.raises(RuntimeError, match=r"weights not found: .*missing\.pth"):
         build_encoder(
             ChannelConfig(encoder="efficientnet-lite0", model=str(tmp_path / "missing.pth"))
         )
@@ -347,3 +347,17 @@ def test_minilm_puts_paraphrases_closer_than_unrelated_captions(minilm):
     assert paraphrase > cosine(vectors[0], vectors[2]) + 0.3
     assert paraphrase > cosine(vectors[0], vectors[3]) + 0.3
     np.testing.assert_allclose(minilm.encode_texts(captions[2:3])[0], vectors[2], atol=1e-5)
+
+
+def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    channel = ChannelConfig(encoder="clip-image", model=str(tmp_path / "no-such-model"))
+    with pytest.raises(RuntimeError, match="cannot load encoder 'clip-image'"):
+        build_encoder(channel)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error():
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="not a torch device"):
+        resolve_device("gpu0")

@@ -118,6 +118,32 @@ def test_synthesize_mines_pairs_by_the_rules(reference: RunDir, config: Pipeline
     assert max(per_query["target_id_count"].to_pylist()) <= config.mine.max_targets
 
 
+def test_every_kept_record_is_a_query_with_pairs_or_a_mine_reject(tmp_path, config):
+    """Caption-only (Table 5 "T"): images without a caption have no vector anywhere and
+    must still be accounted for."""
+    caption_only = config.model_copy(
+        update={
+            "channels": {
+                name: channel.model_copy(update={"enabled": name == "caption"})
+                for name, channel in config.channels.items()
+            }
+        }
+    )
+    run = RunDir(tmp_path / "run")
+    LocalRunner(run, caption_only, progress=False).run_all(
+        build_stages(caption_only, progress=False)
+    )
+    kept = read_corpus(run, columns=["id", "has_caption"]).to_pylist()
+    queries = set(read_pairs(run)["query_id"].to_pylist())
+    mine_rejects = read_rejects(run).filter(pc.field("stage") == "mine").to_pylist()
+    rejected = {row["id"]: row["reason"] for row in mine_rejects}
+    assert queries.isdisjoint(rejected)
+    assert queries | set(rejected) == {row["id"] for row in kept}
+    uncaptioned = {row["id"] for row in kept if not row["has_caption"]}
+    assert uncaptioned
+    assert {i: rejected[i] for i in uncaptioned} == dict.fromkeys(uncaptioned, "not_in_any_channel")
+
+
 @pytest.mark.parametrize(
     "stage, part",
     [

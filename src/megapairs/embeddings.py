@@ -11,6 +11,10 @@ import numpy as np
 from megapairs.runs import RunDir, write_array
 from megapairs.schemas import EMBEDDINGS_DIR
 
+# Embed settings that change the vectors (batch size and workers do not): part of the
+# config hash of every stage built on the embeddings.
+EMBED_OUTPUT_SETTINGS = ("embed.device", "embed.dtype")
+
 VECTORS_SUFFIX = ".npy"
 IDS_SUFFIX = ".ids.npy"
 

@@ -251,10 +251,31 @@ def load_or_create_plan(run: RunDir, config: InputConfig) -> list[InputPart]:
     if path.exists():
         stored = _read_json(path)
         if stored.get("input") == wanted:
-            return [InputPart.from_json(p) for p in stored["parts"]]
+            parts = [InputPart.from_json(p) for p in stored["parts"]]
+            _check_sources_unchanged(stored.get("sources", {}), parts)
+            return parts
     parts = plan_input(config)
-    write_json(path, {"input": wanted, "parts": [p.to_json() for p in parts]})
+    plan = {"input": wanted, "parts": [p.to_json() for p in parts]}
+    write_json(path, {**plan, "sources": source_stamps(parts)})
     return parts
+
+
+def source_stamps(parts: list[InputPart]) -> dict[str, list[int]]:
+    """(size, mtime_ns) of every input file the parts read rows or members from."""
+    files = sorted({p.source for p in parts if Path(p.source).is_file()})
+    return {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
+
+
+def _check_sources_unchanged(stored: dict[str, list[int]], parts: list[InputPart]) -> None:
+    """Refuse to resume over a manifest, Parquet file or tar that changed since planning:
+    its records would shift under the same ids."""
+    current = source_stamps(parts)
+    changed = sorted(f for f, stamp in stored.items() if current.get(f) != stamp)
+    if changed:
+        raise RuntimeError(
+            f"input changed since this run planned it: {', '.join(changed)} "
+            "(size or modification time differ); use a new --run directory"
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -111,7 +111,13 @@ def resolve_device(device: str) -> torch.device:
     """`auto` -> cuda when available, else cpu; anything else as torch spells it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"embed.device {device!r} is not a torch device: {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"embed.device is {device!r} but this torch sees no CUDA device")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -27,7 +27,13 @@ def build_encoder(channel: ChannelConfig, device: str = "auto", dtype: str = "au
     builder = ENCODERS.get(channel.encoder)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    return builder(channel.model, dict(channel.options), torch_device, torch_dtype)
+    try:
+        return builder(channel.model, dict(channel.options), torch_device, torch_dtype)
+    except (OSError, ImportError) as err:
+        raise RuntimeError(
+            f"cannot load encoder {channel.encoder!r} from {channel.model!r} (a hub name, "
+            f"or a local folder saved with save_pretrained): {err}"
+        ) from err
 
 
 def encoder_names() -> list[str]:

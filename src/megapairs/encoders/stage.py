@@ -36,7 +36,12 @@ from megapairs.corpus.store import (
     read_part_images,
     rejects_path,
 )
-from megapairs.embeddings import channel_folder, embed_stage_name, write_shard
+from megapairs.embeddings import (
+    EMBED_OUTPUT_SETTINGS,
+    channel_folder,
+    embed_stage_name,
+    write_shard,
+)
 from megapairs.encoders.base import Encoder, ImageEncoder, Preprocessor, TextEncoder
 from megapairs.encoders.factory import build_encoder
 from megapairs.runs import RunDir, write_json, write_table
@@ -170,7 +175,7 @@ class EmbedStage:
 
     @property
     def config_sections(self) -> tuple[str, ...]:
-        return (f"channels.{self.channel}", "embed")
+        return (f"channels.{self.channel}", *EMBED_OUTPUT_SETTINGS)
 
     @property
     def encoder(self) -> Encoder:

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from megapairs.config import PipelineConfig
-from megapairs.corpus.store import rejects_path
+from megapairs.corpus.store import INGEST_STAGE, read_corpus, rejects_path
 from megapairs.mining.mine import Window, mine_part, unpaired_rejects
 from megapairs.neighbours.stage import neighbours_folder, neighbours_stage_name
 from megapairs.runs import RunDir, read_table, write_table
-from megapairs.schemas import PAIRS_DIR
+from megapairs.schemas import PAIRS_DIR, REJECTS_SCHEMA
 
 STAGE_NAME = "mine"
 
@@ -56,11 +56,39 @@ class MineStage:
     def run_part(self, run: RunDir, part: str) -> dict[str, int]:
         neighbours = {c: self._read_neighbours(run, c, part) for c in self.windows}
         pairs = mine_part(neighbours, self.windows, self.config.mine)
-        rejects = unpaired_rejects(neighbours, self.windows, pairs, STAGE_NAME)
+        unsearched = self._unsearched_rejects(run, part, neighbours)
+        unpaired = unpaired_rejects(neighbours, self.windows, pairs, STAGE_NAME)
+        rejects = pa.concat_tables([unpaired, unsearched])
         write_table(run.part_path(PAIRS_DIR, part), pairs)
         write_table(rejects_path(run, STAGE_NAME, part), rejects)
         queries = int(pc.count_distinct(pairs["query_id"]).as_py()) + rejects.num_rows
-        return {"queries": queries, **pair_counts(pairs, list(self.windows))}
+        counts = {"queries": queries, "not_in_any_channel": unsearched.num_rows}
+        return {**counts, **pair_counts(pairs, list(self.windows))}
+
+    def _unsearched_rejects(
+        self, run: RunDir, part: str, neighbours: dict[str, pa.Table]
+    ) -> pa.Table:
+        """Corpus records of the part that no enabled channel has a vector for (e.g. an
+        image without a caption in a caption-only run): rejected here, never lost."""
+        if not run.is_done(INGEST_STAGE, part):  # embeddings made outside the pipeline
+            return REJECTS_SCHEMA.empty_table()
+        corpus = read_corpus(run, part, columns=["id", "key", "uri"])
+        searched = pa.concat_arrays([t["id"].combine_chunks() for t in neighbours.values()])
+        missing = corpus.filter(pc.invert(pc.is_in(corpus["id"], value_set=searched)))
+        channels = ", ".join(self.windows)
+        detail = f"no vector in any enabled channel ({channels}); see the embed counts and rejects"
+        return pa.table(
+            {
+                "id": missing["id"],
+                "key": missing["key"],
+                "uri": missing["uri"],
+                "stage": pa.array([STAGE_NAME] * missing.num_rows, pa.string()),
+                "reason": pa.array(["not_in_any_channel"] * missing.num_rows, pa.string()),
+                "detail": pa.array([detail] * missing.num_rows, pa.string()),
+                "duplicate_of": pa.nulls(missing.num_rows, pa.int64()),
+            },
+            schema=REJECTS_SCHEMA,
+        )
 
     def _read_neighbours(self, run: RunDir, channel: str, part: str) -> pa.Table:
         stage = neighbours_stage_name(channel)

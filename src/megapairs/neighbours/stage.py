@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from megapairs.config import PipelineConfig
 from megapairs.embeddings import (
+    EMBED_OUTPUT_SETTINGS,
     VECTORS_SUFFIX,
     channel_folder,
     embed_stage_name,
@@ -101,7 +102,7 @@ class NeighboursStage:
 
     @property
     def config_sections(self) -> tuple[str, ...]:
-        return (f"channels.{self.channel}", "embed", "neighbours", "seed")
+        return (f"channels.{self.channel}", *EMBED_OUTPUT_SETTINGS, "neighbours", "seed")
 
     def plan(self, run: RunDir) -> list[str]:
         """The channel's finished embedding parts."""
