@@ -286,5 +286,5 @@ def test_unknown_channel_is_refused(tiny_clip_dir):
 def test_stage_contract(tiny_clip_dir, corpus):
     stage = EmbedStage(make_config(tiny_clip_dir), "caption")
     assert stage.name == "embed.caption"
-    assert stage.config_sections == ("channels.caption", "embed")
+    assert stage.config_sections == ("channels.caption", "embed.device", "embed.dtype")
     assert stage.plan(corpus) == ["part-00000", "part-00001", "part-00002"]

@@ -63,6 +63,17 @@ def test_crash_mid_stage_then_resume_computes_only_the_rest(tmp_path):
     assert manifest["config"]["mine"]["max_targets"] == config.mine.max_targets
 
 
+def test_start_clears_temp_files_of_a_killed_writer(tmp_path):
+    run = RunDir(tmp_path)
+    stale = run.folder("squares") / ".part-00000.npy.abc123.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a file")
+    keep = run.part_path("squares", "part-00001", ".npy")
+    keep.write_bytes(b"whole")
+    LocalRunner(run, PipelineConfig(), progress=False).start()
+    assert not stale.exists() and keep.exists()
+
+
 def test_unfinished_part_files_are_not_listed(tmp_path):
     run = RunDir(tmp_path)
     write_array(run.part_path("squares", "part-00000", ".npy"), np.zeros(3))

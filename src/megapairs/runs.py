@@ -131,6 +131,14 @@ class RunDir:
         markers = sorted(self._progress(stage).glob("part-*.json"))
         return {p.stem: json.loads(p.read_text()) for p in markers}
 
+    def remove_temp_files(self) -> int:
+        """Delete temp files a killed writer left behind (`.<name>.<random>.tmp`); only
+        safe while no other process writes into this run. Returns how many went."""
+        stale = list(self.root.rglob(".*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
     # manifest -------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:

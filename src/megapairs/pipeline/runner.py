@@ -70,8 +70,10 @@ class LocalRunner:
         self.progress = progress
 
     def start(self) -> None:
-        """Create the run directory and record config and versions in its manifest."""
+        """Create the run directory (clearing temp files of a killed earlier run) and record
+        config and versions in its manifest."""
         self.run.root.mkdir(parents=True, exist_ok=True)
+        self.run.remove_temp_files()
         manifest = self.run.read_manifest()
         self.run.update_manifest(
             config=self.config.model_dump(mode="json"),
