@@ -137,6 +137,7 @@ def test_every_kept_record_is_a_query_with_pairs_or_a_mine_reject(tmp_path, conf
     queries = set(read_pairs(run)["query_id"].to_pylist())
     mine_rejects = read_rejects(run).filter(pc.field("stage") == "mine").to_pylist()
     rejected = {row["id"]: row["reason"] for row in mine_rejects}
+    assert all(row["key"] and row["uri"] for row in mine_rejects)  # named, not only an id
     assert queries.isdisjoint(rejected)
     assert queries | set(rejected) == {row["id"] for row in kept}
     uncaptioned = {row["id"] for row in kept if not row["has_caption"]}

@@ -15,7 +15,7 @@ from megapairs.corpus.store import INGEST_STAGE, read_corpus, rejects_path
 from megapairs.mining.mine import Window, mine_part, unpaired_rejects
 from megapairs.neighbours.stage import neighbours_folder, neighbours_stage_name
 from megapairs.runs import RunDir, read_table, write_table
-from megapairs.schemas import PAIRS_DIR, REJECTS_SCHEMA
+from megapairs.schemas import CORPUS_SCHEMA, PAIRS_DIR, REJECTS_SCHEMA
 
 STAGE_NAME = "mine"
 
@@ -56,23 +56,19 @@ class MineStage:
     def run_part(self, run: RunDir, part: str) -> dict[str, int]:
         neighbours = {c: self._read_neighbours(run, c, part) for c in self.windows}
         pairs = mine_part(neighbours, self.windows, self.config.mine)
-        unsearched = self._unsearched_rejects(run, part, neighbours)
+        corpus = part_corpus(run, part)
+        unsearched = self._unsearched_rejects(corpus, neighbours)
         unpaired = unpaired_rejects(neighbours, self.windows, pairs, STAGE_NAME)
-        rejects = pa.concat_tables([unpaired, unsearched])
+        rejects = with_sources(pa.concat_tables([unpaired, unsearched]), corpus)
         write_table(run.part_path(PAIRS_DIR, part), pairs)
         write_table(rejects_path(run, STAGE_NAME, part), rejects)
         queries = int(pc.count_distinct(pairs["query_id"]).as_py()) + rejects.num_rows
         counts = {"queries": queries, "not_in_any_channel": unsearched.num_rows}
         return {**counts, **pair_counts(pairs, list(self.windows))}
 
-    def _unsearched_rejects(
-        self, run: RunDir, part: str, neighbours: dict[str, pa.Table]
-    ) -> pa.Table:
+    def _unsearched_rejects(self, corpus: pa.Table, neighbours: dict[str, pa.Table]) -> pa.Table:
         """Corpus records of the part that no enabled channel has a vector for (e.g. an
         image without a caption in a caption-only run): rejected here, never lost."""
-        if not run.is_done(INGEST_STAGE, part):  # embeddings made outside the pipeline
-            return REJECTS_SCHEMA.empty_table()
-        corpus = read_corpus(run, part, columns=["id", "key", "uri"])
         searched = pa.concat_arrays([t["id"].combine_chunks() for t in neighbours.values()])
         missing = corpus.filter(pc.invert(pc.is_in(corpus["id"], value_set=searched)))
         channels = ", ".join(self.windows)
@@ -98,6 +94,24 @@ class MineStage:
                 f"{stage} has not finished {part}: {path} is missing or unmarked"
             )
         return read_table(path)
+
+
+def part_corpus(run: RunDir, part: str) -> pa.Table:
+    """id, key and uri of the part's corpus records; empty when the embeddings were made
+    outside the pipeline (no ingest stage in the run)."""
+    columns = ["id", "key", "uri"]
+    if not run.is_done(INGEST_STAGE, part):
+        return CORPUS_SCHEMA.empty_table().select(columns)
+    return read_corpus(run, part, columns=columns)
+
+
+def with_sources(rejects: pa.Table, corpus: pa.Table) -> pa.Table:
+    """Rejects with each record's key and uri filled in from the corpus, in the same order."""
+    position = pc.index_in(rejects["id"], value_set=corpus["id"])
+    for name in ("key", "uri"):
+        column = pc.coalesce(rejects[name], pc.take(corpus[name], position))
+        rejects = rejects.set_column(rejects.schema.get_field_index(name), name, column)
+    return rejects
 
 
 def pair_counts(pairs: pa.Table, channels: list[str]) -> dict[str, int]:
