@@ -7,7 +7,10 @@ record in every run over the same input, whatever was rejected around it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
+import pyarrow.compute as pc
 
 PART_STRIDE = 1_000_000
 
@@ -76,3 +79,34 @@ def record_id(part: int, position: int) -> int:
     if not 0 <= position < PART_STRIDE:
         raise ValueError(f"a part holds at most {PART_STRIDE} records, got position {position}")
     return part * PART_STRIDE + position
+
+
+def rejects_table(
+    ids: Sequence[int] | pa.Array, stage: str, reasons: str | Sequence[str], details: Sequence[str]
+) -> pa.Table:
+    """REJECTS_SCHEMA rows for records known by id (key and uri left null; `with_sources`
+    fills them); `reasons` is one code for all rows or one per row."""
+    count = len(ids)
+    reason_list = [reasons] * count if isinstance(reasons, str) else list(reasons)
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "key": pa.nulls(count, pa.string()),
+            "uri": pa.nulls(count, pa.string()),
+            "stage": pa.array([stage] * count, pa.string()),
+            "reason": pa.array(reason_list, pa.string()),
+            "detail": pa.array(list(details), pa.string()),
+            "duplicate_of": pa.nulls(count, pa.int64()),
+        },
+        schema=REJECTS_SCHEMA,
+    )
+
+
+def with_sources(rejects: pa.Table, corpus: pa.Table) -> pa.Table:
+    """Rejects with each record's missing key and uri taken from `corpus` (id, key, uri),
+    in the same order."""
+    position = pc.index_in(rejects["id"], value_set=corpus["id"])
+    for name in ("key", "uri"):
+        column = pc.coalesce(rejects[name], pc.take(corpus[name], position))
+        rejects = rejects.set_column(rejects.schema.get_field_index(name), name, column)
+    return rejects

@@ -45,7 +45,7 @@ from megapairs.embeddings import (
 from megapairs.encoders.base import Encoder, ImageEncoder, Preprocessor, TextEncoder
 from megapairs.encoders.factory import build_encoder
 from megapairs.runs import RunDir, write_json, write_table
-from megapairs.schemas import REJECTS_SCHEMA
+from megapairs.schemas import rejects_table, with_sources
 
 ENCODER_INFO = "encoder.json"
 
@@ -228,21 +228,10 @@ class EmbedStage:
 
 def reject_rows(corpus: pa.Table, failures: list[ImageItem], stage: str) -> pa.Table:
     """REJECTS_SCHEMA rows for `failures`, with each record's key and uri from `corpus`."""
-    ids, keys, uris = (corpus[c].to_pylist() for c in ("id", "key", "uri"))
-    where = {record_id: (key, uri) for record_id, key, uri in zip(ids, keys, uris, strict=True)}
-    rows = [
-        {
-            "id": item.record_id,
-            "key": where[item.record_id][0],
-            "uri": where[item.record_id][1],
-            "stage": stage,
-            "reason": item.reason,
-            "detail": item.detail,
-            "duplicate_of": None,
-        }
-        for item in failures
-    ]
-    return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
+    ids = [item.record_id for item in failures]
+    reasons = [item.reason for item in failures]
+    rejects = rejects_table(ids, stage, reasons, [item.detail for item in failures])
+    return with_sources(rejects, corpus)
 
 
 def embed_image_part(stage: EmbedStage, run: RunDir, part: str) -> PartOutput:

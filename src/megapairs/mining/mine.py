@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from megapairs.config import MineConfig
-from megapairs.schemas import NEIGHBOURS_SCHEMA, PAIRS_SCHEMA, REJECTS_SCHEMA
+from megapairs.schemas import NEIGHBOURS_SCHEMA, PAIRS_SCHEMA, rejects_table
 
 Window = tuple[float, float]
 NO_TARGET_IN_WINDOW = "no_target_in_window"
@@ -436,19 +436,7 @@ def unpaired_rejects(
     for u in range(union.size):
         parts = [_describe(c, windows[c], summaries.get(c), u) for c in windows]
         details.append("no neighbour inside any channel window; " + "; ".join(parts))
-    count = union.size
-    return pa.table(
-        {
-            "id": union,
-            "key": pa.nulls(count, pa.string()),
-            "uri": pa.nulls(count, pa.string()),
-            "stage": [stage] * count,
-            "reason": [NO_TARGET_IN_WINDOW] * count,
-            "detail": details,
-            "duplicate_of": pa.nulls(count, pa.int64()),
-        },
-        schema=REJECTS_SCHEMA,
-    )
+    return rejects_table(union, stage, NO_TARGET_IN_WINDOW, details)
 
 
 def _window_summary(entries: _Entries, n: int) -> dict[str, list]:

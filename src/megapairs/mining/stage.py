@@ -15,7 +15,7 @@ from megapairs.corpus.store import INGEST_STAGE, read_corpus, rejects_path
 from megapairs.mining.mine import Window, mine_part, unpaired_rejects
 from megapairs.neighbours.stage import neighbours_folder, neighbours_stage_name
 from megapairs.runs import RunDir, read_table, write_table
-from megapairs.schemas import CORPUS_SCHEMA, PAIRS_DIR, REJECTS_SCHEMA
+from megapairs.schemas import CORPUS_SCHEMA, PAIRS_DIR, rejects_table, with_sources
 
 STAGE_NAME = "mine"
 
@@ -70,21 +70,10 @@ class MineStage:
         """Corpus records of the part that no enabled channel has a vector for (e.g. an
         image without a caption in a caption-only run): rejected here, never lost."""
         searched = pa.concat_arrays([t["id"].combine_chunks() for t in neighbours.values()])
-        missing = corpus.filter(pc.invert(pc.is_in(corpus["id"], value_set=searched)))
+        missing = corpus["id"].filter(pc.invert(pc.is_in(corpus["id"], value_set=searched)))
         channels = ", ".join(self.windows)
         detail = f"no vector in any enabled channel ({channels}); see the embed counts and rejects"
-        return pa.table(
-            {
-                "id": missing["id"],
-                "key": missing["key"],
-                "uri": missing["uri"],
-                "stage": pa.array([STAGE_NAME] * missing.num_rows, pa.string()),
-                "reason": pa.array(["not_in_any_channel"] * missing.num_rows, pa.string()),
-                "detail": pa.array([detail] * missing.num_rows, pa.string()),
-                "duplicate_of": pa.nulls(missing.num_rows, pa.int64()),
-            },
-            schema=REJECTS_SCHEMA,
-        )
+        return rejects_table(missing, STAGE_NAME, "not_in_any_channel", [detail] * len(missing))
 
     def _read_neighbours(self, run: RunDir, channel: str, part: str) -> pa.Table:
         stage = neighbours_stage_name(channel)
@@ -103,15 +92,6 @@ def part_corpus(run: RunDir, part: str) -> pa.Table:
     if not run.is_done(INGEST_STAGE, part):
         return CORPUS_SCHEMA.empty_table().select(columns)
     return read_corpus(run, part, columns=columns)
-
-
-def with_sources(rejects: pa.Table, corpus: pa.Table) -> pa.Table:
-    """Rejects with each record's key and uri filled in from the corpus, in the same order."""
-    position = pc.index_in(rejects["id"], value_set=corpus["id"])
-    for name in ("key", "uri"):
-        column = pc.coalesce(rejects[name], pc.take(corpus[name], position))
-        rejects = rejects.set_column(rejects.schema.get_field_index(name), name, column)
-    return rejects
 
 
 def pair_counts(pairs: pa.Table, channels: list[str]) -> dict[str, int]:
