@@ -4,6 +4,7 @@ import os
 
 import pytest
 from tiny_models import Tiny, build_tiny_clip, build_tiny_dinov2, build_tiny_siglip
+from tiny_vlm import build_tiny_causal_lm, build_tiny_llava_next
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,3 +24,15 @@ def tiny_siglip(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
 @pytest.fixture(scope="session")
 def tiny_dinov2(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     return build_tiny_dinov2(tmp_path_factory.mktemp("tiny-dinov2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """A tiny random LLaVA-NeXT (image-text-to-text) with its processor and chat template."""
+    return build_tiny_llava_next(tmp_path_factory.mktemp("tiny-llava-next"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """A tiny random Llama causal LM with its tokenizer and chat template."""
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))

@@ -1,7 +1,8 @@
 """End to end: `synthesize` on a tiny generated corpus with the paper's config, its
 encoders swapped for tiny random CLIP and DINOv2 models loaded through the real
-`from_pretrained` path; a crash or a kill -9 at any point, then the same command
-again, gives output identical to an uninterrupted run."""
+`from_pretrained` path and its annotator for the template backend; a crash or a
+kill -9 at any point, then the same command again, gives output identical to an
+uninterrupted run (the dataset included)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def config(corpus: SceneCorpus, tiny_clip, tiny_dinov2) -> PipelineConfig:
         "neighbours.k=6",
         "mine.max_targets=3",
         "mine.num_hard_negatives=4",
+        "annotate.backend=template",
     ]
     overrides += [
         f"channels.{ch}.window={WIDE_WINDOW}"
@@ -70,7 +72,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory, config: PipelineConfig) 
     return run
 
 
-TIMED_METADATA = {"manifest.json", "index.json"}  # hold timestamps or build times
+# hold timestamps or build times
+TIMED_METADATA = {"manifest.json", "index.json", "dataset_info.json"}
 
 
 def run_contents(run: RunDir) -> dict[str, object]:
@@ -152,6 +155,8 @@ def test_every_kept_record_is_a_query_with_pairs_or_a_mine_reject(tmp_path, conf
         ("embed.image_pattern", "part-00001"),
         ("neighbours.caption", "part-00002"),
         ("mine", "part-00001"),
+        ("annotate", "part-00002"),
+        ("export", "part-00001"),
     ],
 )
 def test_crash_mid_stage_then_resume_is_identical(

@@ -16,6 +16,10 @@ EPILOG = """examples:
   megapairs synthesize --config configs/demo.yaml --input photos/ --run runs/photos
   megapairs ingest --config configs/paper.yaml --input 'shards/{00000..00099}.tar' --run runs/dc
   megapairs mine --run runs/photos --set mine.max_targets=5
+  megapairs annotate --run runs/photos --set annotate.backend=openai \
+      --set annotate.describer.model=Qwen/Qwen2-VL-7B-Instruct
+  megapairs export --run runs/photos && megapairs validate runs/photos/dataset
+  megapairs stats runs/photos
   megapairs summary --run runs/photos
 A command re-run on the same --run resumes: finished parts are skipped.
 Set MEGAPAIRS_DEBUG=1 to see the full traceback of an error.
@@ -26,7 +30,9 @@ STEP_COMMANDS = {
     "embed": ("embed",),
     "neighbours": ("neighbours",),
     "mine": ("mine",),
-    "synthesize": ("ingest", "embed", "neighbours", "mine"),
+    "annotate": ("annotate",),
+    "export": ("export",),
+    "synthesize": ("ingest", "embed", "neighbours", "mine", "annotate", "export"),
 }
 
 
@@ -53,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megapairs",
         description="MegaPairs data synthesis: mine correlated image pairs from a captioned "
-        "image corpus with three similarity channels.",
+        "image corpus with three similarity channels, annotate them with retrieval "
+        "instructions and export the triplets.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -64,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "embed": "embed every image/caption with each enabled channel's encoder",
         "neighbours": "FAISS top-k neighbours per channel",
         "mine": "mine (query, target) pairs in the similarity window, with hard negatives",
-        "synthesize": "run ingest -> embed -> neighbours -> mine",
+        "annotate": "describe each pair (VLM) and write its retrieval instructions (LLM)",
+        "export": "export the triplets in the MegaPairs schema (Parquet + JSONL)",
+        "synthesize": "run ingest -> embed -> neighbours -> mine -> annotate -> export",
     }
     for name, text in helps.items():
         step = commands.add_parser(name, help=text, description=text)
@@ -77,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--config", type=Path, help="config (default: the packaged demo.yaml)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set annotate.backend=openai (repeatable)",
+    )
+    add_dataset_commands(commands)
     summary = commands.add_parser("summary", help="print what a run holds")
     summary.add_argument("--run", required=True, type=Path)
     summary.add_argument("--examples", type=int, default=5, help="example pairs to show")
@@ -86,6 +104,51 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--config", type=Path)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
+
+
+def add_dataset_commands(commands: argparse._SubParsersAction) -> None:
+    """`validate` and `stats`: checks and counts of an exported (or released) dataset."""
+    validate = commands.add_parser(
+        "validate",
+        help="check a dataset: schema, images exist, no target among its negatives, "
+        ">= 3 instructions",
+        description="Check an exported dataset (or the released MegaPairs layout) and list "
+        "each problem with its file and row number; exits 1 when there are problems.",
+    )
+    validate.add_argument("dataset", type=Path, help="dataset folder or file (Parquet/JSONL)")
+    validate.add_argument(
+        "--image-root", type=Path, help="root of relative image paths (default: the dataset folder)"
+    )
+    validate.add_argument("--limit", type=int, default=50, help="problems to print")
+    validate.set_defaults(handler=cmd_validate)
+    stats = commands.add_parser(
+        "stats",
+        help="counts of a dataset: pairs per channel, instructions, lengths, failures",
+        description="Counts of a dataset folder, or of a run directory's dataset with its "
+        "annotation failures.",
+    )
+    stats.add_argument("path", type=Path, help="a run directory or a dataset folder/file")
+    stats.set_defaults(handler=cmd_stats)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from megapairs.dataset.validate import format_report, validate_dataset
+
+    report = validate_dataset(args.dataset, args.image_root)
+    print(format_report(report, limit=args.limit))
+    return 1 if report.problems else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from megapairs.dataset.stats import dataset_stats, format_stats
+    from megapairs.runs import RunDir
+    from megapairs.schemas import DATASET_DIR
+
+    path: Path = args.path
+    is_run = (path / "manifest.json").exists()
+    dataset = path / DATASET_DIR if is_run else path
+    print(format_stats(dataset_stats(dataset, RunDir(path) if is_run else None)))
+    return 0
 
 
 def resolve_config(args: argparse.Namespace) -> PipelineConfig:
@@ -126,7 +189,14 @@ def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from megapairs.demo.run import run_demo
 
-    return run_demo(args.run, args.images, args.seed, args.config, progress=not args.quiet)
+    return run_demo(
+        args.run,
+        args.images,
+        args.seed,
+        args.config,
+        progress=not args.quiet,
+        overrides=args.overrides,
+    )
 
 
 def cmd_summary(args: argparse.Namespace) -> int:

@@ -91,6 +91,62 @@ class MineConfig(Section):
     num_hard_negatives: int = Field(5, ge=0)
 
 
+class EndpointConfig(Section):
+    """One annotation model: a served model (openai backend) or a local checkpoint (hf).
+
+    The API key is read from the environment variable named by `api_key_env` when a
+    request is sent; it is never stored in the config, the manifest or a log.
+    """
+
+    model: str = ""  # served model name (openai) or hub name / local path (hf)
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(512, ge=1)
+    timeout: float = Field(120.0, gt=0.0)  # seconds per request
+    extra_body: dict[str, Any] = Field(default_factory=dict)  # server-specific request fields
+    device: str = "auto"  # hf only
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # hf only
+    batch_size: int = Field(8, ge=1)  # hf only: prompts per generate call
+
+
+class AnnotateConfig(Section):
+    """Two-step annotation of mined pairs: describer (VLM) then instructor (LLM)."""
+
+    backend: str = "template"  # openai | hf | template (annotation.backends registry)
+    prompts: str = ""  # folder of prompt files; empty: the packaged prompts
+    word_range: tuple[int, int] = (60, 100)  # WORD_NUM of the describer, drawn per pair
+    num_demonstrations: int = Field(5, ge=0)  # drawn per pair from the prompt's pool
+    min_instructions: int = Field(3, ge=1)
+    max_instructions: int = Field(6, ge=1)
+    instruction_words: tuple[int, int] = (3, 40)  # accepted instruction length in words
+    image_max_side: int = Field(512, ge=16)  # images are resized to fit before sending
+    concurrency: int = Field(64, ge=1)  # requests in flight (openai) / pairs in flight
+    max_retries: int = Field(5, ge=0)  # per request, on timeouts, connection errors, 429, 5xx
+    backoff_initial: float = Field(1.0, gt=0.0)  # seconds; doubles per retry, full jitter
+    backoff_max: float = Field(60.0, gt=0.0)  # also caps a server's Retry-After
+    retry_failed: bool = True  # a re-run re-opens parts with transient (server-side) failures
+    flush_every: int = Field(256, ge=1)  # finished requests between cache flushes
+    describer: EndpointConfig = EndpointConfig()
+    instructor: EndpointConfig = EndpointConfig()
+
+    @field_validator("word_range", "instruction_words")
+    @classmethod
+    def _range(cls, bounds: tuple[int, int]) -> tuple[int, int]:
+        low, high = bounds
+        if not 1 <= low <= high:
+            raise ValueError(f"range must satisfy 1 <= low <= high, got {bounds}")
+        return bounds
+
+
+class ExportConfig(Section):
+    """The exported dataset in the MegaPairs schema."""
+
+    images: Literal["copy", "reference"] = "copy"  # copy into dataset/images, or absolute paths
+    jsonl: bool = True  # also write part-N.jsonl beside each Parquet shard
+
+
 class PipelineConfig(Section):
     """The whole synthesis pipeline's settings."""
 
@@ -101,6 +157,8 @@ class PipelineConfig(Section):
     embed: EmbedConfig = EmbedConfig()
     neighbours: NeighboursConfig = NeighboursConfig()
     mine: MineConfig = MineConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
+    export: ExportConfig = ExportConfig()
 
     def enabled_channels(self) -> dict[str, ChannelConfig]:
         """The channels switched on, in config order."""

@@ -20,6 +20,10 @@ IMAGES_DIR = "images"
 EMBEDDINGS_DIR = "embeddings"
 NEIGHBOURS_DIR = "neighbours"
 PAIRS_DIR = "pairs"
+ANNOTATIONS_DIR = "annotations"
+ANNOTATION_FAILURES_DIR = "annotation_failures"
+ANNOTATION_CACHE_DIR = "annotation_cache"
+DATASET_DIR = "dataset"
 
 CORPUS_SCHEMA = pa.schema(
     [
@@ -70,6 +74,66 @@ PAIRS_SCHEMA = pa.schema(
         ("channel_scores", pa.list_(pa.float32())),  # aligned with channels
         ("hard_negative_ids", pa.list_(pa.int64())),
         ("hard_negative_topped_up", pa.int32()),  # how many came from outside the window
+    ]
+)
+
+
+# Provenance of an annotation or a failure: which backend, models, prompts and seed made it.
+PROVENANCE_FIELDS = [
+    ("backend", pa.string()),  # openai | hf | template
+    ("describer_model", pa.string()),
+    ("instructor_model", pa.string()),
+    ("prompt_version", pa.string()),  # prompt set name + hash of its files
+    ("seed", pa.int64()),
+]
+
+ANNOTATIONS_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("query_id", pa.int64()),
+        ("target_id", pa.int64()),
+        ("description", pa.string()),
+        ("instructions", pa.list_(pa.string())),  # checked, deduplicated, >= min_instructions
+        ("dropped_instructions", pa.list_(pa.string())),  # "reason: text" of each one refused
+        ("word_num", pa.int32()),  # the describer's word budget for this pair
+        ("demonstration_ids", pa.list_(pa.string())),  # demonstrations shown to the instructor
+        ("repaired", pa.bool_()),  # the instructor's first answer failed and a repair succeeded
+        *PROVENANCE_FIELDS,
+    ]
+)
+
+ANNOTATION_FAILURES_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("query_id", pa.int64()),
+        ("target_id", pa.int64()),
+        ("step", pa.string()),  # load_images | describe | instruct | repair
+        ("reason", pa.string()),  # a short code: timeout, server_error, unparseable, ...
+        ("detail", pa.string()),  # a sentence a person can act on
+        ("raw_output", pa.string()),  # the model's last answer (or response body), if any
+        ("attempts", pa.int32()),  # HTTP attempts of the failing request
+        ("transient", pa.bool_()),  # server-side: a re-run retries it
+        *PROVENANCE_FIELDS,
+    ]
+)
+
+# The released MegaPairs schema (q_img, q_text, t_img, hns) first, then our columns.
+DATASET_SCHEMA = pa.schema(
+    [
+        ("q_img", pa.string()),  # query image path, relative to the dataset's image root
+        ("q_text", pa.list_(pa.string())),  # instructions; a trainer samples one per step
+        ("t_img", pa.string()),  # target image path
+        ("hns", pa.list_(pa.string())),  # hard negatives: the query image first, then mined
+        ("pair_id", pa.string()),
+        ("query_id", pa.int64()),
+        ("target_id", pa.int64()),
+        ("hard_negative_ids", pa.list_(pa.int64())),  # the mined ones, aligned with hns[1:]
+        ("channels", pa.list_(pa.string())),
+        ("channel_scores", pa.list_(pa.float32())),
+        ("q_caption", pa.string()),
+        ("t_caption", pa.string()),
+        ("description", pa.string()),
+        *PROVENANCE_FIELDS,
     ]
 )
 

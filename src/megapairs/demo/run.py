@@ -20,6 +20,7 @@ from megapairs.pipeline.report import accounting_errors, format_results
 from megapairs.pipeline.runner import LocalRunner
 from megapairs.pipeline.synthesize import build_stages
 from megapairs.runs import RunDir
+from megapairs.schemas import DATASET_DIR
 
 COMPARED_ATTRIBUTES = ("shape", "colour", "count", "position", "texture", "background")
 INPUT_FOLDER = "input"
@@ -111,13 +112,49 @@ def reject_check(run: RunDir, corpus: SceneCorpus) -> list[str]:
     ]
 
 
-def demo_config(config_path: Path | None, corpus: SceneCorpus, seed: int) -> PipelineConfig:
-    overrides = [f"input.path={corpus.images_dir}", f"seed={seed}"]
-    return load_config(config_path or demo_config_path(), overrides)
+def demo_config(
+    config_path: Path | None, corpus: SceneCorpus, seed: int, overrides: list[str] | None = None
+) -> PipelineConfig:
+    settings = [f"input.path={corpus.images_dir}", f"seed={seed}", *(overrides or [])]
+    return load_config(config_path or demo_config_path(), settings)
+
+
+def annotator_note(config: PipelineConfig) -> str:
+    """Which annotator the demo uses, and how to point it at a model server."""
+    annotate = config.annotate
+    if annotate.backend == "template":
+        return (
+            "demo: annotating with the model-free `template` backend (instructions built from "
+            "the captions); to use models, serve them and pass e.g. --set annotate.backend=openai "
+            "--set annotate.describer.base_url=http://127.0.0.1:8000/v1 "
+            "--set annotate.describer.model=Qwen/Qwen2-VL-7B-Instruct (and the instructor's)"
+        )
+    return (
+        f"demo: annotating with the `{annotate.backend}` backend: describer "
+        f"{annotate.describer.model} ({annotate.describer.base_url}), instructor "
+        f"{annotate.instructor.model} ({annotate.instructor.base_url})"
+    )
+
+
+def dataset_check(run: RunDir) -> list[str]:
+    """Problems `megapairs validate` finds in the exported dataset (printed with its stats)."""
+    from megapairs.dataset.stats import dataset_stats, format_stats
+    from megapairs.dataset.validate import validate_dataset
+
+    dataset = run.folder(DATASET_DIR)
+    print(format_stats(dataset_stats(dataset, run)))
+    report = validate_dataset(dataset)
+    print(f"dataset: {dataset} validated, {len(report.problems)} problems")
+    return [f"dataset: {problem}" for problem in report.problems[:20]]
 
 
 def run_demo(
-    run_root: Path, images: int, seed: int, config_path: Path | None, progress: bool = True
+    run_root: Path,
+    images: int,
+    seed: int,
+    config_path: Path | None,
+    progress: bool = True,
+    overrides: list[str] | None = None,
 ) -> int:
     """Generate the corpus, run every stage, print the summary; 0 when all checks hold."""
     started = time.perf_counter()
@@ -125,7 +162,8 @@ def run_demo(
     folder = demo_input_dir(run.root, images, seed)
     print(f"demo: generating {images} captioned scenes (seed {seed}) in {folder}")
     corpus = generate_scene_corpus(folder, images, seed, overwrite=True)
-    config = demo_config(config_path, corpus, seed)
+    config = demo_config(config_path, corpus, seed, overrides)
+    print(annotator_note(config))
     results = LocalRunner(run, config, progress).run_all(build_stages(config, progress=progress))
     resumed = [r for r in results if r.computed < r.parts]
     if resumed:
@@ -134,7 +172,7 @@ def run_demo(
     truth = read_attributes(corpus.attributes_path)
     agreement = attribute_agreement(read_pairs(run), read_corpus(run), truth, seed)
     print(format_agreement(agreement))
-    problems = accounting_errors(results) + reject_check(run, corpus)
+    problems = accounting_errors(results) + reject_check(run, corpus) + dataset_check(run)
     for problem in problems:
         print(f"CHECK FAILED {problem}")
     print(f"demo: done in {time.perf_counter() - started:.0f} s; run directory {run.root}")

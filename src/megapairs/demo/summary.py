@@ -13,9 +13,17 @@ import pyarrow as pa
 
 from megapairs.corpus.store import read_corpus, read_rejects
 from megapairs.runs import RunDir, concat_tables
-from megapairs.schemas import PAIRS_DIR, PAIRS_SCHEMA
+from megapairs.schemas import (
+    ANNOTATION_FAILURES_DIR,
+    ANNOTATION_FAILURES_SCHEMA,
+    ANNOTATIONS_DIR,
+    ANNOTATIONS_SCHEMA,
+    PAIRS_DIR,
+    PAIRS_SCHEMA,
+)
 
 MINE_STAGE = "mine"
+ANNOTATE_STAGE = "annotate"
 HISTOGRAM_BINS = 10
 BAR_WIDTH = 40
 
@@ -28,6 +36,8 @@ class ExamplePair:
     target_caption: str | None
     channels: dict[str, float]
     hard_negatives: int
+    instructions: list[str] = field(default_factory=list)
+    annotation: str = ""  # backend of the instructions, or why annotating failed
 
 
 @dataclass
@@ -51,6 +61,22 @@ def read_pairs(run: RunDir) -> pa.Table:
     return concat_tables(run.files(PAIRS_DIR, MINE_STAGE), PAIRS_SCHEMA)
 
 
+def annotation_notes(run: RunDir) -> dict[str, tuple[list[str], str]]:
+    """pair id -> (instructions, backend) of annotated pairs, ([], "failed: reason") of
+    failed ones; empty when the run has no finished annotate part."""
+    annotated = concat_tables(run.files(ANNOTATIONS_DIR, ANNOTATE_STAGE), ANNOTATIONS_SCHEMA)
+    failed = concat_tables(
+        run.files(ANNOTATION_FAILURES_DIR, ANNOTATE_STAGE), ANNOTATION_FAILURES_SCHEMA
+    )
+    notes = {
+        row["pair_id"]: (row["instructions"], f"by {row['backend']}")
+        for row in annotated.select(["pair_id", "instructions", "backend"]).to_pylist()
+    }
+    for row in failed.select(["pair_id", "step", "reason"]).to_pylist():
+        notes[row["pair_id"]] = ([], f"failed at {row['step']}: {row['reason']}")
+    return notes
+
+
 def channel_scores(pairs: pa.Table) -> dict[str, np.ndarray]:
     """Every recorded in-window score, per channel."""
     channels = pairs["channels"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -58,8 +84,14 @@ def channel_scores(pairs: pa.Table) -> dict[str, np.ndarray]:
     return {str(name): scores[channels == name] for name in np.unique(channels)}
 
 
-def example_pairs(pairs: pa.Table, corpus: pa.Table, count: int, seed: int) -> list[ExamplePair]:
-    """A seeded sample of pairs with their captions."""
+def example_pairs(
+    pairs: pa.Table,
+    corpus: pa.Table,
+    count: int,
+    seed: int,
+    notes: dict[str, tuple[list[str], str]] | None = None,
+) -> list[ExamplePair]:
+    """A seeded sample of pairs with their captions (and instructions, from `notes`)."""
     if pairs.num_rows == 0 or count <= 0:
         return []
     rows = np.random.default_rng(seed).choice(pairs.num_rows, min(count, pairs.num_rows), False)
@@ -67,6 +99,7 @@ def example_pairs(pairs: pa.Table, corpus: pa.Table, count: int, seed: int) -> l
     examples = []
     for pair in pairs.take(sorted(rows.tolist())).to_pylist():
         query, target = by_id[pair["query_id"]], by_id[pair["target_id"]]
+        instructions, annotation = (notes or {}).get(pair["pair_id"], ([], ""))
         examples.append(
             ExamplePair(
                 query=query["key"],
@@ -75,6 +108,8 @@ def example_pairs(pairs: pa.Table, corpus: pa.Table, count: int, seed: int) -> l
                 target_caption=target["caption"],
                 channels=dict(zip(pair["channels"], pair["channel_scores"], strict=True)),
                 hard_negatives=len(pair["hard_negative_ids"]),
+                instructions=instructions,
+                annotation=annotation,
             )
         )
     return examples
@@ -109,7 +144,7 @@ def summarize_run(run: RunDir, examples: int = 5, seed: int = 0) -> RunSummary:
         pairs_per_channel=Counter(name for names in channel_lists for name in names),
         channel_combinations=Counter("+".join(names) for names in channel_lists),
         scores=channel_scores(pairs) if pairs.num_rows else {},
-        examples=example_pairs(pairs, corpus, examples, seed),
+        examples=example_pairs(pairs, corpus, examples, seed, annotation_notes(run)),
     )
 
 
@@ -131,6 +166,9 @@ def format_example(example: ExamplePair) -> list[str]:
         f"  query  {example.query}: {example.query_caption or '(no caption)'}",
         f"  target {example.target}: {example.target_caption or '(no caption)'}",
         f"         found by {scores}; {example.hard_negatives} hard negatives",
+        *([f"         instructions ({example.annotation}):"] if example.instructions else []),
+        *(f"           - {text}" for text in example.instructions),
+        *([f"         {example.annotation}"] if example.annotation.startswith("failed") else []),
     ]
 
 

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from megapairs.pipeline.runner import StageResult
 
+# total -> the counts it must equal the sum of, for any stage that records all of them
+BALANCES = {"records": ("kept", "rejected"), "pairs": ("annotated", "failed")}
+
 
 def accounting_errors(results: list[StageResult]) -> list[str]:
-    """Stages whose counts do not add up (records in != records out)."""
+    """Stages whose counts do not add up (records in != records out, pairs in != pairs out)."""
     errors = []
     for result in results:
         counts = result.counts
-        if {"records", "kept", "rejected"} <= counts.keys():
-            kept, rejected = counts["kept"], counts["rejected"]
-            if counts["records"] != kept + rejected:
-                errors.append(
-                    f"{result.name}: {counts['records']} records in, but {kept} kept + "
-                    f"{rejected} rejected = {kept + rejected}"
-                )
+        for total, parts in BALANCES.items():
+            if not {total, *parts} <= counts.keys():
+                continue
+            summed = sum(counts[p] for p in parts)
+            if counts[total] != summed:
+                listed = " + ".join(f"{counts[p]} {p}" for p in parts)
+                errors.append(f"{result.name}: {counts[total]} {total} in, but {listed} = {summed}")
     return errors
 
 

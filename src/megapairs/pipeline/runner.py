@@ -9,7 +9,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from megapairs.config import PipelineConfig
-from megapairs.pipeline.stage import Stage
+from megapairs.pipeline.stage import ReopensParts, Stage
 from megapairs.runs import RunDir, environment_versions, now_iso
 
 
@@ -88,7 +88,8 @@ class LocalRunner:
         digest = check_config(self.run, stage, self.config)
         self._record_hash(stage, digest)
         parts = stage.plan(self.run)
-        todo = [p for p in parts if not self.run.is_done(stage.name, p)]
+        stale = set(stage.stale_parts(self.run)) if isinstance(stage, ReopensParts) else set()
+        todo = [p for p in parts if p in stale or not self.run.is_done(stage.name, p)]
         if todo:
             stage.prepare(self.run)
         bar = tqdm(todo, desc=stage.name, unit="part", disable=not self.progress or not todo)

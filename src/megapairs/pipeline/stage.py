@@ -11,7 +11,7 @@ other processes or on other machines.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from megapairs.runs import RunDir
 
@@ -39,4 +39,14 @@ class Stage(Protocol):
 
     def run_part(self, run: RunDir, part: str) -> dict[str, int]:
         """Produce one part's output files atomically; return its counts."""
+        ...
+
+
+@runtime_checkable
+class ReopensParts(Protocol):
+    """A stage whose finished parts may need another pass (e.g. annotate retries
+    server-side failures): the runner re-runs the parts `stale_parts` names."""
+
+    def stale_parts(self, run: RunDir) -> list[str]:
+        """Finished parts to compute again."""
         ...

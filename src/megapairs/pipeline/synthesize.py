@@ -7,7 +7,8 @@ from collections.abc import Callable
 from megapairs.config import PipelineConfig
 from megapairs.pipeline.stage import Stage
 
-STEPS = ("ingest", "embed", "neighbours", "mine")
+STEPS = ("ingest", "embed", "neighbours", "mine", "annotate", "export")
+CHANNEL_STEPS = frozenset({"embed", "neighbours", "mine"})  # steps that need a channel
 
 
 def ingest_stages(config: PipelineConfig, progress: bool) -> list[Stage]:
@@ -34,12 +35,26 @@ def mine_stages(config: PipelineConfig, progress: bool) -> list[Stage]:
     return [MineStage(config)]
 
 
+def annotate_stages(config: PipelineConfig, progress: bool) -> list[Stage]:
+    from megapairs.annotation.stage import AnnotateStage
+
+    return [AnnotateStage(config, progress)]
+
+
+def export_stages(config: PipelineConfig, progress: bool) -> list[Stage]:
+    from megapairs.dataset.export import ExportStage
+
+    return [ExportStage(config)]
+
+
 # step -> builder(config, progress): the progress flag reaches stages with inner bars.
 STAGE_BUILDERS: dict[str, Callable[[PipelineConfig, bool], list[Stage]]] = {
     "ingest": ingest_stages,
     "embed": embed_stages,
     "neighbours": neighbours_stages,
     "mine": mine_stages,
+    "annotate": annotate_stages,
+    "export": export_stages,
 }
 
 
@@ -47,7 +62,7 @@ def build_stages(
     config: PipelineConfig, steps: tuple[str, ...] = STEPS, progress: bool = True
 ) -> list[Stage]:
     """The stages of the named steps, in pipeline order."""
-    if not config.enabled_channels() and set(steps) - {"ingest"}:
+    if not config.enabled_channels() and set(steps) & CHANNEL_STEPS:
         raise ValueError("no channel is enabled; enable at least one under `channels`")
     builders = [STAGE_BUILDERS[step] for step in STEPS if step in steps]
     return [stage for build in builders for stage in build(config, progress)]

@@ -1,0 +1,1 @@
+"""Annotation: a VLM describes each mined pair, an LLM turns that into instructions."""

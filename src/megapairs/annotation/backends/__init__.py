@@ -1,0 +1,1 @@
+"""Annotator backends behind one interface: openai (HTTP), hf (local), template."""

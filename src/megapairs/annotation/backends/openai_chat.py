@@ -1,0 +1,352 @@
+"""The `openai` backend: any OpenAI-compatible chat-completions server.
+
+It talks to vLLM, SGLang, the llama.cpp server, Ollama and hosted APIs alike: one
+`POST {base_url}/chat/completions` per request, images as base64 data URLs in
+`image_url` content parts, the per-pair seed in `seed`, and the endpoint's
+`extra_body` merged into the JSON body. The describer and the instructor may be
+different servers. The API key is read from the environment variable named by the
+endpoint's `api_key_env` at send time, sent as `Authorization: Bearer ...` only when
+set, and never logged or written into an error.
+
+Retry policy (per request, `max_retries` retries after the first attempt):
+- retried: timeouts, connection errors, HTTP 429 and 5xx, and malformed answers (an
+  HTTP 200 whose body is not JSON or has no string `choices[0].message.content`);
+- waits: exponential backoff with full jitter (`backoff_initial` doubling, capped at
+  `backoff_max`); a 429 or 503 carrying `Retry-After` (seconds or an HTTP date) waits
+  that long instead, also capped at `backoff_max`;
+- not retried: any other 4xx (`client_error`) and an answer whose content is empty
+  (`empty_response`): resending the same request would not change them.
+A request that fails for good raises `BackendError` with the reason of its last attempt.
+At most `concurrency` HTTP requests are in flight (a semaphore; a request waiting to
+retry does not hold a slot). The HTTP client and the semaphore belong to the running
+event loop: they are created on first use in a loop and released by `aclose()`.
+HTTP goes through httpx2 (httpx's maintained fork, installed with transformers) when
+present, else httpx: httpcore 1.0's connection pool costs several times more CPU per
+request with dozens of connections open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    before_sleep_log,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+try:  # httpx's maintained fork: its connection pool stays fast with many connections
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover - same API; httpcore 1.0 pools cost ~8x more CPU here
+    import httpx  # type: ignore[no-redef]
+
+from megapairs.annotation.backends.base import BACKENDS
+from megapairs.annotation.types import (
+    BackendError,
+    ChatMessage,
+    Completion,
+    ImagePart,
+    PromptRequest,
+    Role,
+)
+from megapairs.config import AnnotateConfig, EndpointConfig
+
+logger = logging.getLogger(__name__)
+
+RETRIED_REASONS = frozenset(
+    {"timeout", "connection_error", "server_error", "rate_limited", "malformed_response"}
+)
+RAW_LIMIT = 20_000  # characters of a response body kept in BackendError.raw
+EXCERPT_LIMIT = 200  # characters of a response body quoted in an error's detail
+CLIENT_ERROR_HINTS = {
+    401: "check the API key in the endpoint's api_key_env variable",
+    403: "check the API key in the endpoint's api_key_env variable",
+    404: "check base_url (it ends before /chat/completions) and the served model name",
+    413: "lower annotate.image_max_side or the prompt size",
+}
+
+
+class _AttemptFailed(Exception):
+    """One failed attempt: the error it would end with, and a server-requested wait."""
+
+    def __init__(self, error: BackendError, retry_after: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+
+
+def _is_retried(exc: BaseException) -> bool:
+    return isinstance(exc, _AttemptFailed) and exc.error.reason in RETRIED_REASONS
+
+
+@dataclass
+class _LoopState:
+    """What one event loop owns: the HTTP client and the concurrency slots."""
+
+    loop: asyncio.AbstractEventLoop
+    client: httpx.AsyncClient
+    slots: asyncio.Semaphore
+
+
+class OpenAIBackend:
+    """Describer and instructor requests over OpenAI-compatible chat-completions servers."""
+
+    name = "openai"
+    reads_images = True
+
+    def __init__(self, config: AnnotateConfig) -> None:
+        self.config = config
+        self._endpoints: dict[Role, EndpointConfig] = {
+            "describer": config.describer,
+            "instructor": config.instructor,
+        }
+        self._state: _LoopState | None = None
+
+    def __repr__(self) -> str:
+        models = {role: ep.model for role, ep in self._endpoints.items()}
+        return f"OpenAIBackend(models={models}, concurrency={self.config.concurrency})"
+
+    def model_name(self, role: Role) -> str:
+        return self._endpoints[role].model
+
+    def check_ready(self) -> None:
+        """Fail early, before any pair is sent, when a server is unreachable or does not
+        serve the configured model (checked with GET /models where the server has it)."""
+        for role, endpoint in self._endpoints.items():
+            check_endpoint(role, endpoint)
+
+    async def complete(self, request: PromptRequest) -> Completion:
+        endpoint = self._endpoints[request.role]
+        body = request_body(endpoint, request)
+        attempt_number = 0
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    attempt_number = attempt.retry_state.attempt_number
+                    text = await self._attempt(endpoint, body)
+                    return Completion(text=text, attempts=attempt_number)
+        except _AttemptFailed as failed:
+            error = failed.error
+            error.attempts = attempt_number
+            if attempt_number > 1:
+                error.detail += f" (gave up after {attempt_number} attempts)"
+            raise error from failed.__cause__
+        raise AssertionError("unreachable: the retry loop returns or raises")
+
+    async def aclose(self) -> None:
+        state, self._state = self._state, None
+        if state is not None and state.loop is asyncio.get_running_loop():
+            await state.client.aclose()
+
+    def _loop_state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        if self._state is None or self._state.loop is not loop:
+            # A state left by an earlier loop (no aclose) cannot be awaited here: drop it.
+            limit = self.config.concurrency
+            limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+            client = httpx.AsyncClient(limits=limits)
+            self._state = _LoopState(loop, client, asyncio.Semaphore(limit))
+        return self._state
+
+    def _retrying(self) -> AsyncRetrying:
+        backoff = wait_random_exponential(
+            multiplier=self.config.backoff_initial, max=self.config.backoff_max
+        )
+
+        def wait(state: RetryCallState) -> float:
+            failed = state.outcome.exception() if state.outcome else None
+            if isinstance(failed, _AttemptFailed) and failed.retry_after is not None:
+                return min(failed.retry_after, self.config.backoff_max)
+            return backoff(state)
+
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.config.max_retries + 1),
+            wait=wait,
+            retry=retry_if_exception(_is_retried),
+            before_sleep=before_sleep_log(logger, logging.DEBUG),
+            reraise=True,
+        )
+
+    async def _attempt(self, endpoint: EndpointConfig, body: dict[str, Any]) -> str:
+        """One HTTP attempt: the answer's content, or `_AttemptFailed`."""
+        state = self._loop_state()
+        url = chat_url(endpoint.base_url)
+        key = os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        where = f"model {endpoint.model!r} at {safe_url(url)}"
+        async with state.slots:
+            try:
+                async with asyncio.timeout(endpoint.timeout):
+                    response = await state.client.post(
+                        url, json=body, headers=headers, timeout=httpx.Timeout(endpoint.timeout)
+                    )
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+                detail = f"base_url {safe_url(url)!r} is not an http(s) URL ({type(exc).__name__})"
+                raise _AttemptFailed(BackendError("client_error", detail)) from exc
+            except (httpx.TimeoutException, TimeoutError) as exc:
+                detail = (
+                    f"no answer from {where} within {endpoint.timeout:g} s "
+                    f"({type(exc).__name__}); raise the endpoint timeout or lower concurrency"
+                )
+                raise _AttemptFailed(BackendError("timeout", detail)) from exc
+            except httpx.TransportError as exc:
+                reason = _redact(f"{type(exc).__name__}: {exc}", key)
+                detail = f"could not talk to {where} ({reason}); is the server up?"
+                raise _AttemptFailed(BackendError("connection_error", detail)) from exc
+        return read_answer(response, where, key)
+
+
+def check_endpoint(role: Role, endpoint: EndpointConfig) -> None:
+    """Raise RuntimeError when `endpoint` cannot be reached or lists other models only."""
+    url = endpoint.base_url.rstrip("/") + "/models"
+    key = os.environ.get(endpoint.api_key_env, "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=min(endpoint.timeout, 10.0))
+    except httpx.HTTPError as err:
+        raise RuntimeError(
+            f"annotate.{role}: cannot reach {safe_url(url)} ({type(err).__name__}); start the "
+            "server (see the README's recipe) or use annotate.backend=template"
+        ) from None
+    if response.status_code != 200:
+        return  # not every server lists its models; the first request will tell
+    try:
+        served = [item["id"] for item in response.json().get("data", [])]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return
+    if served and endpoint.model not in served:
+        raise RuntimeError(
+            f"annotate.{role}.model {endpoint.model!r} is not served at "
+            f"{safe_url(endpoint.base_url)}; it serves: {', '.join(served)}"
+        )
+
+
+def request_body(endpoint: EndpointConfig, request: PromptRequest) -> dict[str, Any]:
+    """The chat-completions JSON body of `request`; `extra_body` fields win."""
+    body: dict[str, Any] = {
+        "model": endpoint.model,
+        "messages": [to_openai_message(m) for m in request.messages],
+        "temperature": endpoint.temperature,
+        "top_p": endpoint.top_p,
+        "max_tokens": endpoint.max_tokens,
+        "seed": request.seed,
+    }
+    body.update(endpoint.extra_body)
+    return body
+
+
+def to_openai_message(message: ChatMessage) -> dict[str, Any]:
+    """A message in the OpenAI format: a plain string when text-only, else content parts."""
+    if not any(isinstance(p, ImagePart) for p in message.parts):
+        return {"role": message.role, "content": message.text}
+    parts: list[dict[str, Any]] = []
+    for part in message.parts:
+        if isinstance(part, ImagePart):
+            url = f"data:{part.mime};base64,{base64.b64encode(part.data).decode('ascii')}"
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            parts.append({"type": "text", "text": part.text})
+    return {"role": message.role, "content": parts}
+
+
+def read_answer(response: httpx.Response, where: str, key: str = "") -> str:
+    """The content of a chat-completions answer, or `_AttemptFailed` saying what went wrong."""
+    status = response.status_code
+    raw = _redact(response.text, key)
+    excerpt = _excerpt(raw)
+    if status == 429 or status >= 500:
+        reason = "rate_limited" if status == 429 else "server_error"
+        hint = "; lower annotate.concurrency" if status == 429 else ""
+        detail = f"{where} answered HTTP {status}: {excerpt}{hint}"
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        if status not in (429, 503):
+            retry_after = None
+        raise _AttemptFailed(BackendError(reason, detail, raw=raw[:RAW_LIMIT]), retry_after)
+    if status != 200:
+        hint = CLIENT_ERROR_HINTS.get(status, "check max_tokens and the endpoint's extra_body")
+        detail = f"{where} refused the request with HTTP {status}: {excerpt}; {hint}"
+        raise _AttemptFailed(BackendError("client_error", detail, raw=raw[:RAW_LIMIT]))
+    content, problem = _content(response)
+    if content is None:
+        detail = f"{where} answered HTTP 200 with {problem}: {excerpt}"
+        raise _AttemptFailed(BackendError("malformed_response", detail, raw=raw[:RAW_LIMIT]))
+    if not content.strip():
+        detail = f"{where} answered with empty content: {excerpt}"
+        raise _AttemptFailed(BackendError("empty_response", detail, raw=raw[:RAW_LIMIT]))
+    return content
+
+
+def _content(response: httpx.Response) -> tuple[str | None, str]:
+    """(content, "") for a well-formed answer, else (None, what is wrong with it)."""
+    try:
+        data = response.json()
+    except ValueError:
+        return None, "a body that is not JSON"
+    try:
+        content = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None, "JSON without choices[0].message.content"
+    if not isinstance(content, str):
+        return None, f"a content of type {type(content).__name__}, not a string"
+    return content, ""
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delay in seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def chat_url(base_url: str) -> str:
+    return base_url.rstrip("/") + "/chat/completions"
+
+
+def safe_url(url: str) -> str:
+    """`url` without user info or query string, where credentials may hide."""
+    try:
+        return str(httpx.URL(url).copy_with(username=None, password=None, query=None))
+    except httpx.InvalidURL:
+        return "<invalid URL>"
+
+
+def _redact(text: str, key: str) -> str:
+    return text.replace(key, "<redacted>") if key else text
+
+
+def _excerpt(text: str) -> str:
+    flat = re.sub(r"\s+", " ", text).strip()
+    if not flat:
+        return "(empty body)"
+    return repr(flat[:EXCERPT_LIMIT] + ("..." if len(flat) > EXCERPT_LIMIT else ""))
+
+
+@BACKENDS.register("openai")
+def build_openai_backend(config: AnnotateConfig) -> OpenAIBackend:
+    """The `openai` backend; both endpoints must name their served model."""
+    for role in ("describer", "instructor"):
+        if not getattr(config, role).model:
+            raise ValueError(
+                f"annotate.{role}.model is empty: set it to the model name the server serves"
+            )
+    return OpenAIBackend(config)

@@ -1,0 +1,254 @@
+"""The two-step annotation of one pair, and of many pairs concurrently.
+
+For each pair: draw its word budget and demonstrations (from the run seed and the
+pair id), ask the describer for a description of the two images, check it, ask
+the instructor for instructions, check them, and when they fail (unparseable or
+too few usable) ask once more with a repair prompt. Every answer is cached
+(`AnswerCache`) before it is used, so a re-run resends only what is missing. A
+pair ends as an annotation row or a failure row, never neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from megapairs.annotation.backends.base import AnnotatorBackend
+from megapairs.annotation.cache import AnswerCache
+from megapairs.annotation.checks import InstructionCheck, check_description, check_instructions
+from megapairs.annotation.images import CorpusLookup, ImageUnavailable
+from megapairs.annotation.prompts import (
+    PromptSet,
+    describe_messages,
+    instruct_messages,
+    pair_context,
+    repair_messages,
+    sample_pair_settings,
+)
+from megapairs.annotation.types import (
+    BackendError,
+    ChatMessage,
+    Completion,
+    PairContext,
+    PromptRequest,
+    Role,
+    Step,
+)
+from megapairs.config import AnnotateConfig
+
+REPAIRABLE = frozenset({"unparseable", "too_few_instructions"})
+
+
+@dataclass(frozen=True)
+class PairJob:
+    """One mined pair to annotate, with the captions of its two images."""
+
+    pair_id: str
+    query_id: int
+    target_id: int
+    query_caption: str | None
+    target_caption: str | None
+
+
+@dataclass
+class PairFailed(Exception):
+    """A pair that could not be annotated, with the step and the reason."""
+
+    step: str
+    reason: str
+    detail: str
+    raw: str = ""
+    attempts: int = 0
+    transient: bool = False
+
+
+@dataclass
+class Annotator:
+    """What annotating the pairs of one part needs, and what it counted."""
+
+    backend: AnnotatorBackend
+    prompts: PromptSet
+    config: AnnotateConfig
+    seed: int
+    cache: AnswerCache
+    lookup: CorpusLookup | None = None
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend.name,
+            "describer_model": self.backend.model_name("describer"),
+            "instructor_model": self.backend.model_name("instructor"),
+            "prompt_version": self.prompts.version,
+            "seed": self.seed,
+        }
+
+    async def ask(
+        self,
+        pair_id: str,
+        role: Role,
+        step: Step,
+        messages: tuple[ChatMessage, ...],
+        context: PairContext,
+        request_seed: int,
+    ) -> Completion:
+        """The cached answer of this step, or the backend's (then cached)."""
+        answer = self.cache.get(pair_id, step)
+        if answer is None:
+            request = PromptRequest(role, step, messages, context, request_seed)
+            try:
+                answer = await self.backend.complete(request)
+            except BackendError as err:
+                raise PairFailed(
+                    step, err.reason, err.detail, err.raw, err.attempts, err.transient
+                ) from err
+            self.cache.put(pair_id, step, answer)
+        self.counts["answers"] += 1
+        self.counts["http_attempts"] += answer.attempts
+        return answer
+
+    async def images(self, job: PairJob) -> tuple[bytes, bytes]:
+        """The two prepared images, or empty bytes for a backend that does not read them."""
+        if not self.backend.reads_images or self.lookup is None:
+            return b"", b""
+        lookup = self.lookup
+        try:
+            return await asyncio.to_thread(
+                lambda: (lookup.prepared_image(job.query_id), lookup.prepared_image(job.target_id))
+            )
+        except ImageUnavailable as err:
+            raise PairFailed("load_images", "image_unavailable", str(err)) from err
+
+    async def annotate(self, job: PairJob) -> dict[str, Any]:
+        """The pair's annotation row; raises PairFailed."""
+        config = self.config
+        settings = sample_pair_settings(
+            job.pair_id,
+            self.seed,
+            config.word_range,
+            config.num_demonstrations,
+            len(self.prompts.demonstrations),
+        )
+        context = pair_context(
+            job.pair_id, job.query_caption, job.target_caption, settings, self.prompts
+        )
+        description = await self.describe(job, context, settings.request_seed)
+        context = replace(context, description=description)
+        check, repaired = await self.instruct(job, context, settings.request_seed)
+        return {
+            "pair_id": job.pair_id,
+            "query_id": job.query_id,
+            "target_id": job.target_id,
+            "description": description,
+            "instructions": list(check.accepted),
+            "dropped_instructions": list(check.dropped),
+            "word_num": settings.word_num,
+            "demonstration_ids": [d.id for d in context.demonstrations],
+            "repaired": repaired,
+            **self.provenance(),
+        }
+
+    async def describe(self, job: PairJob, context: PairContext, request_seed: int) -> str:
+        if self.cache.get(job.pair_id, "describe") is None:
+            query_image, target_image = await self.images(job)
+        else:
+            query_image = target_image = b""  # answered before: the images are not sent
+        messages = describe_messages(self.prompts, context, query_image, target_image)
+        answer = await self.ask(
+            job.pair_id, "describer", "describe", messages, context, request_seed
+        )
+        description, reason = check_description(answer.text)
+        if reason is not None:
+            raise PairFailed("describe", reason, "the describer's answer is unusable", answer.text)
+        return description
+
+    async def instruct(
+        self, job: PairJob, context: PairContext, request_seed: int
+    ) -> tuple[InstructionCheck, bool]:
+        """Checked instructions, asking once more with a repair prompt when they fail."""
+        config = self.config
+        bounds = (config.min_instructions, config.max_instructions)
+        messages = instruct_messages(self.prompts, context, *bounds)
+        answer = await self.ask(
+            job.pair_id, "instructor", "instruct", messages, context, request_seed
+        )
+        check = self.check(answer.text, job.target_caption)
+        if check.reason is None:
+            return check, False
+        if check.reason not in REPAIRABLE:
+            raise PairFailed("instruct", check.reason, check.problem, answer.text)
+        context = replace(context, previous_output=answer.text, problem=check.problem)
+        messages = repair_messages(self.prompts, messages, context, *bounds)
+        answer = await self.ask(
+            job.pair_id, "instructor", "repair", messages, context, request_seed
+        )
+        check = self.check(answer.text, job.target_caption)
+        if check.reason is not None:
+            raise PairFailed("repair", check.reason, check.problem, answer.text)
+        return check, True
+
+    def check(self, raw: str, target_caption: str | None) -> InstructionCheck:
+        config = self.config
+        return check_instructions(
+            raw,
+            target_caption,
+            config.min_instructions,
+            config.max_instructions,
+            config.instruction_words,
+        )
+
+
+def failure_row(job: PairJob, failure: PairFailed, provenance: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "pair_id": job.pair_id,
+        "query_id": job.query_id,
+        "target_id": job.target_id,
+        "step": failure.step,
+        "reason": failure.reason,
+        "detail": failure.detail,
+        "raw_output": failure.raw,
+        "attempts": failure.attempts,
+        "transient": failure.transient,
+        **provenance,
+    }
+
+
+@dataclass
+class Outcomes:
+    """Annotation rows and failure rows, by position of the pair in its part."""
+
+    annotated: dict[int, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+async def annotate_all(
+    annotator: Annotator,
+    jobs: list[PairJob],
+    on_done: Callable[[], None] = lambda: None,
+) -> Outcomes:
+    """Annotate `jobs` with at most `concurrency` pairs in flight; `on_done` ticks per pair."""
+    outcomes = Outcomes()
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for position in range(len(jobs)):
+        queue.put_nowait(position)
+
+    async def worker() -> None:
+        while not queue.empty():
+            position = queue.get_nowait()
+            job = jobs[position]
+            try:
+                outcomes.annotated[position] = await annotator.annotate(job)
+            except PairFailed as failure:
+                outcomes.failed[position] = failure_row(job, failure, annotator.provenance())
+            on_done()
+
+    workers = min(annotator.config.concurrency, len(jobs))
+    try:
+        await asyncio.gather(*(worker() for _ in range(workers)))
+    finally:
+        annotator.cache.flush()
+        await annotator.backend.aclose()
+    return outcomes

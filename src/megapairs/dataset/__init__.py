@@ -1,0 +1,1 @@
+"""The exported triplet dataset in the MegaPairs schema: export, validate, stats."""

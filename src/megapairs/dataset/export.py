@@ -1,0 +1,382 @@
+"""The `export` stage: annotated pairs -> dataset/part-N.parquet (+ .jsonl) in the MegaPairs schema.
+
+One row per annotated pair (failed pairs stay in `annotation_failures/`), in the
+pairs table's order: the released columns `q_img`, `q_text`, `t_img`, `hns` (the
+query image first, then the mined negatives, as the released dataset has it),
+then ours (ids, channels, scores, captions, description, provenance).
+
+Image paths, by `export.images`:
+- `copy`: every referenced image is materialised once, with its original bytes, as
+  `dataset/images/<id's corpus part>/<id>.<ext>` (hard-linked from its source file
+  when the file system allows, else copied; written atomically; skipped when present),
+  and paths are relative to the dataset folder, so the folder moves as one piece.
+- `reference`: the absolute source paths; records whose bytes exist only in the run's
+  image store (tar or Parquet input) cannot be referenced and need `copy`.
+
+A finished part is exported again when its shard is gone or the annotate stage has
+re-run it since (its annotated/failed counts differ from the ones exported:
+`stale_parts`, which the runner honours).
+
+`dataset/dataset_info.json` (columns, image root, per-part counts, config provenance)
+is rewritten after every part from the finished parts' markers plus the part just
+written, so it always describes the files on disk, also after a resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from megapairs.config import PipelineConfig
+from megapairs.corpus.store import load_image_bytes, read_corpus
+from megapairs.runs import (
+    RunDir,
+    atomic_path,
+    environment_versions,
+    now_iso,
+    part_name,
+    read_table,
+    write_json,
+    write_table,
+)
+from megapairs.schemas import (
+    ANNOTATION_FAILURES_DIR,
+    ANNOTATIONS_DIR,
+    DATASET_DIR,
+    DATASET_SCHEMA,
+    IMAGES_DIR,
+    PAIRS_DIR,
+    PART_STRIDE,
+    PROVENANCE_FIELDS,
+)
+
+STAGE_NAME = "export"
+ANNOTATE_STAGE = "annotate"
+MINE_STAGE = "mine"
+INFO_FILE = "dataset_info.json"
+IMAGES_FOLDER = "images"
+RELEASED_COLUMNS = ("q_img", "q_text", "t_img", "hns")
+EXTENSIONS = {
+    "JPEG": "jpg",
+    "MPO": "jpg",  # what Pillow calls many camera JPEGs
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+}
+INDEX_COLUMNS = ["id", "path", "source_format", "caption", "sha256"]
+PAIR_COLUMNS = [
+    "pair_id",
+    "query_id",
+    "target_id",
+    "channels",
+    "channel_scores",
+    "hard_negative_ids",
+]
+PROVENANCE_COLUMNS = [name for name, _ in PROVENANCE_FIELDS]
+ANNOTATION_COLUMNS = ["pair_id", "description", "instructions", *PROVENANCE_COLUMNS]
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be made as configured (a missing record, changed bytes, ...)."""
+
+
+def image_extension(source_format: str | None) -> str:
+    """File extension for a corpus `source_format` (JPEG -> jpg; unknown -> bin)."""
+    return EXTENSIONS.get((source_format or "").upper(), "bin")
+
+
+def image_relpath(record_id: int, source_format: str | None) -> str:
+    """Where `copy` puts a record's image, relative to the dataset folder."""
+    folder = part_name(record_id // PART_STRIDE)
+    return f"{IMAGES_FOLDER}/{folder}/{record_id}.{image_extension(source_format)}"
+
+
+class CorpusIndex:
+    """id -> path, source format, caption and sha256 of every finished corpus record."""
+
+    def __init__(self, table: pa.Table) -> None:
+        ids = table["id"].to_numpy()
+        order = np.argsort(ids, kind="stable")
+        self.ids = ids[order]
+        self.table = table.take(pa.array(order))
+
+    @classmethod
+    def read(cls, run: RunDir) -> CorpusIndex:
+        return cls(read_corpus(run, columns=INDEX_COLUMNS))
+
+    def lookup(self, ids: np.ndarray) -> pa.Table:
+        """The index rows of `ids`, in that order; every id must be in the corpus."""
+        if len(self.ids) == 0:
+            clipped, found = np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+        else:
+            clipped = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+            found = self.ids[clipped] == ids
+        if not found.all():
+            missing = ids[~found][:10].tolist()
+            raise ExportError(
+                f"records {missing} are referenced by pairs but not in any finished corpus "
+                "part; finish the ingest stage (or re-run mining on this corpus)"
+            )
+        return self.table.take(pa.array(clipped))
+
+
+class ExportStage:
+    """Annotated pairs of a part -> its dataset shard(s) and referenced images."""
+
+    name = STAGE_NAME
+    config_sections = ("export",)
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.index: CorpusIndex | None = None
+
+    def plan(self, run: RunDir) -> list[str]:
+        """The parts the annotate stage has finished."""
+        return run.done_parts(ANNOTATE_STAGE)
+
+    def stale_parts(self, run: RunDir) -> list[str]:
+        """Finished parts to export again: their shard is gone, or the annotate stage has
+        re-run them since (e.g. retried transient failures), so its row counts changed."""
+        recorded = run.part_counts(STAGE_NAME)
+        return [p for p in self.plan(run) if p in recorded and self._stale(run, p, recorded[p])]
+
+    def _stale(self, run: RunDir, part: str, counts: dict[str, Any]) -> bool:
+        suffixes = [".parquet", ".jsonl"] if self.config.export.jsonl else [".parquet"]
+        if not all(run.part_path(DATASET_DIR, part, s).exists() for s in suffixes):
+            return True
+        annotated = _rows(run.part_path(ANNOTATIONS_DIR, part))
+        failed = _rows(run.part_path(ANNOTATION_FAILURES_DIR, part))
+        return (counts.get("rows"), counts.get("failed")) != (annotated, failed)
+
+    def prepare(self, run: RunDir) -> None:
+        """Read the whole corpus index once: pairs reference records of any part."""
+        self.index = CorpusIndex.read(run)
+
+    def run_part(self, run: RunDir, part: str) -> dict[str, int]:
+        if self.index is None:
+            self.prepare(run)
+        assert self.index is not None
+        rows, failed = annotated_pairs(run, part)
+        records = self.index.lookup(referenced_ids(rows))
+        folder = dataset_folder(run)
+        if self.config.export.images == "copy":
+            materialise_images(run, folder, records)
+            paths = dict(zip(records["id"].to_pylist(), relative_paths(records), strict=True))
+        else:
+            paths = reference_paths(records, part)
+        captions = dict(zip(records["id"].to_pylist(), records["caption"].to_pylist(), strict=True))
+        table = dataset_table(rows, paths, captions)
+        write_table(run.part_path(DATASET_DIR, part), table)
+        if self.config.export.jsonl:
+            write_jsonl(run.part_path(DATASET_DIR, part, ".jsonl"), table)
+        # only counts that a resumed run reproduces (not how many images this run copied)
+        counts = {
+            "rows": table.num_rows,
+            "pairs": table.num_rows + failed,
+            "failed": failed,
+            "images_referenced": records.num_rows,
+        }
+        write_dataset_info(run, self.config, {part: counts})
+        return counts
+
+
+def dataset_folder(run: RunDir) -> Path:
+    return run.folder(DATASET_DIR)
+
+
+def annotated_pairs(run: RunDir, part: str) -> tuple[pa.Table, int]:
+    """The part's annotated pairs in pairs order, with their annotation columns, and the
+    number of failed pairs; refuses a part whose pairs != annotated + failed."""
+    pairs = read_table(run.part_path(PAIRS_DIR, part), PAIR_COLUMNS)
+    annotations = read_table(run.part_path(ANNOTATIONS_DIR, part), ANNOTATION_COLUMNS)
+    failed = _rows(run.part_path(ANNOTATION_FAILURES_DIR, part))
+    if pc.count_distinct(annotations["pair_id"]).as_py() != annotations.num_rows:
+        raise ExportError(f"annotations of {part} list a pair more than once")
+    position = pc.index_in(pairs["pair_id"], value_set=annotations["pair_id"])
+    annotated = pc.is_valid(position)
+    kept = pairs.filter(annotated)
+    if kept.num_rows != annotations.num_rows or pairs.num_rows != kept.num_rows + failed:
+        raise ExportError(
+            f"{part}: {pairs.num_rows} pairs but {annotations.num_rows} annotations "
+            f"({kept.num_rows} of them of these pairs) and {failed} failures; every pair must "
+            "be annotated or failed exactly once: re-run the annotate stage for this part"
+        )
+    taken = annotations.take(position.filter(annotated))
+    for name in ANNOTATION_COLUMNS[1:]:
+        kept = kept.append_column(name, taken[name])
+    return kept, failed
+
+
+def _rows(path: Path) -> int:
+    """Rows of a Parquet file from its footer; 0 when there is no file."""
+    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+
+
+def referenced_ids(rows: pa.Table) -> np.ndarray:
+    """Distinct ids of every query, target and hard negative of `rows`, sorted."""
+    negatives = pc.list_flatten(rows["hard_negative_ids"])
+    columns = [rows["query_id"], rows["target_id"], negatives]
+    return np.unique(np.concatenate([np.asarray(c.to_numpy(), dtype=np.int64) for c in columns]))
+
+
+def relative_paths(records: pa.Table) -> list[str]:
+    """`copy` paths of index rows."""
+    formats = records["source_format"].to_pylist()
+    return [image_relpath(i, f) for i, f in zip(records["id"].to_pylist(), formats, strict=True)]
+
+
+def reference_paths(records: pa.Table, part: str) -> dict[int, str]:
+    """`reference` paths: the absolute source files; refuses records stored only in the run."""
+    ids, paths = records["id"].to_pylist(), records["path"].to_pylist()
+    stored = [i for i, p in zip(ids, paths, strict=True) if p is None]
+    if stored:
+        raise ExportError(
+            f"export.images=reference needs a source file for every image, but {len(stored)} "
+            f"records referenced by {part} (e.g. {stored[:5]}) exist only in the run's image "
+            "store (tar or Parquet input): export with export.images=copy"
+        )
+    return {i: str(Path(p).absolute()) for i, p in zip(ids, paths, strict=True)}
+
+
+def materialise_images(run: RunDir, folder: Path, records: pa.Table) -> Counter[str]:
+    """Put each record's original bytes at its `copy` path unless present; counts of
+    images `copied`, `linked` and already `present`."""
+    counts: Counter[str] = Counter()
+    rows = records.to_pylist()
+    todo = [r for r in rows if not (folder / image_relpath(r["id"], r["source_format"])).exists()]
+    counts["present"] = len(rows) - len(todo)
+    stored = stored_bytes(run, [r["id"] for r in todo if r["path"] is None])
+    for record in todo:
+        destination = folder / image_relpath(record["id"], record["source_format"])
+        try:
+            data = load_image_bytes(record["id"], record["path"], stored)
+        except OSError as err:
+            raise ExportError(f"cannot read the image of record {record['id']}: {err}") from err
+        check_digest(record, data)
+        counts[place_image(destination, record["path"], data)] += 1
+    return counts
+
+
+def stored_bytes(run: RunDir, ids: list[int]) -> dict[int, bytes]:
+    """Bytes of `ids` from the run's image store, reading only those rows of each part."""
+    by_part: dict[str, list[int]] = defaultdict(list)
+    for record_id in ids:
+        by_part[part_name(record_id // PART_STRIDE)].append(record_id)
+    found: dict[int, bytes] = {}
+    for part, wanted in by_part.items():
+        path = run.part_path(IMAGES_DIR, part)
+        if not path.exists():
+            raise ExportError(f"records {wanted[:5]} have no source path and {path} is missing")
+        table = pq.read_table(path, filters=[("id", "in", wanted)])
+        found.update(zip(table["id"].to_pylist(), table["image"].to_pylist(), strict=True))
+    return found
+
+
+def check_digest(record: dict[str, Any], data: bytes) -> None:
+    """Refuse bytes that are not the ones ingested (a source file changed since)."""
+    expected = record["sha256"]
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise ExportError(
+            f"image of record {record['id']} ({record['path'] or 'stored'}) changed since "
+            "ingest (sha256 differs): restore the file or re-run the pipeline on this corpus"
+        )
+
+
+def place_image(destination: Path, source: str | None, data: bytes) -> str:
+    """Hard-link `source` to `destination`, or write `data` there atomically; returns
+    `linked`, `copied` or `present` (another writer was first)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        try:
+            os.link(source, destination)
+            return "linked"
+        except FileExistsError:
+            return "present"
+        except OSError:
+            pass  # another file system, or links not allowed: copy
+    with atomic_path(destination) as tmp:
+        tmp.write_bytes(data)
+    return "copied"
+
+
+def dataset_table(
+    rows: pa.Table, paths: dict[int, str], captions: dict[int, str | None]
+) -> pa.Table:
+    """DATASET_SCHEMA rows from annotated pairs and each record's image path and caption."""
+    queries, targets = rows["query_id"].to_pylist(), rows["target_id"].to_pylist()
+    negatives = rows["hard_negative_ids"].to_pylist()
+    columns: dict[str, Any] = {
+        "q_img": [paths[q] for q in queries],
+        "q_text": rows["instructions"],
+        "t_img": [paths[t] for t in targets],
+        "hns": [
+            [paths[q]] + [paths[n] for n in ns] for q, ns in zip(queries, negatives, strict=True)
+        ],
+        **{name: rows[name] for name in PAIR_COLUMNS},
+        "q_caption": [captions[q] for q in queries],
+        "t_caption": [captions[t] for t in targets],
+        "description": rows["description"],
+        **{name: rows[name] for name in PROVENANCE_COLUMNS},
+    }
+    return pa.table(
+        {f.name: _as_array(columns[f.name], f.type) for f in DATASET_SCHEMA}, schema=DATASET_SCHEMA
+    )
+
+
+def _as_array(values: Any, kind: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    if isinstance(values, pa.ChunkedArray | pa.Array):
+        return values.cast(kind)
+    return pa.array(values, kind)
+
+
+def write_jsonl(path: Path, table: pa.Table) -> None:
+    """One JSON object per row, the same columns as the Parquet shard, written atomically."""
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        for batch in table.to_batches():
+            for row in batch.to_pylist():
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_dataset_info(
+    run: RunDir, config: PipelineConfig, just_written: dict[str, dict[str, int]] | None = None
+) -> dict[str, Any]:
+    """Rewrite dataset_info.json from the finished export parts (plus `just_written`, a part
+    whose marker the runner has not written yet); returns what it wrote."""
+    planned = set(run.done_parts(ANNOTATE_STAGE))
+    parts = {p: c for p, c in run.part_counts(STAGE_NAME).items() if p in planned}
+    parts.update(just_written or {})
+    parts = dict(sorted(parts.items()))
+    pending = sorted(set(run.done_parts(MINE_STAGE)) - set(parts))
+    totals: Counter[str] = Counter()
+    for counts in parts.values():
+        totals.update({k: v for k, v in counts.items() if isinstance(v, int)})
+    suffixes = [".parquet", ".jsonl"] if config.export.jsonl else [".parquet"]
+    info = {
+        "format": "megapairs",
+        "columns": DATASET_SCHEMA.names,
+        "released_columns": list(RELEASED_COLUMNS),
+        "image_root": ".",
+        "images": config.export.images,
+        "files": [f"{p}{s}" for p in parts for s in suffixes],
+        "complete": not pending,
+        "pending_parts": pending,
+        "counts": dict(totals),
+        "parts": parts,
+        "config": config.model_dump(mode="json", include={"seed", "mine", "annotate", "export"}),
+        "config_hash": config.section_hash("channels", "mine", "annotate", "export"),
+        "versions": environment_versions(),
+        "updated_at": now_iso(),
+    }
+    write_json(dataset_folder(run) / INFO_FILE, info)
+    return info

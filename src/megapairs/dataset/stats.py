@@ -1,0 +1,370 @@
+"""Counts and distributions of an exported dataset (ours or the released layout), and, with
+its run directory, the annotation failures and the per-part balance pairs = annotated + failed.
+
+Quantiles are nearest-rank (the smallest value with at least that share of the values at or
+below it), so they are values that occur. Channel combinations
+are named by their sorted channel names ("caption+image").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from megapairs.dataset.validate import dataset_files
+from megapairs.runs import RunDir, concat_tables
+from megapairs.schemas import (
+    ANNOTATION_FAILURES_DIR,
+    ANNOTATION_FAILURES_SCHEMA,
+    ANNOTATIONS_DIR,
+    DATASET_DIR,
+    DATASET_SCHEMA,
+    PAIRS_DIR,
+)
+
+ANNOTATE_STAGE = "annotate"
+EXPORT_STAGE = "export"
+PROVENANCE_COLUMNS = ("backend", "describer_model", "instructor_model", "prompt_version")
+RELEASED_COLUMNS = ("q_img", "q_text", "t_img", "hns")
+STAT_COLUMNS = [*RELEASED_COLUMNS, "channels", "hard_negative_ids"]
+HISTOGRAM_BINS = 10
+BAR_WIDTH = 30
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A distribution of non-negative integers, as value -> how many."""
+
+    counts: dict[int, int]
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def min(self) -> int:
+        return min(self.counts, default=0)
+
+    @property
+    def max(self) -> int:
+        return max(self.counts, default=0)
+
+    @property
+    def mean(self) -> float:
+        total = sum(value * n for value, n in self.counts.items())
+        return total / self.count if self.count else 0.0
+
+    def quantile(self, share: float) -> int:
+        """Nearest-rank quantile: the smallest value v with share of the values <= v."""
+        if not self.counts:
+            return 0
+        values = sorted(self.counts)
+        cumulative = np.cumsum([self.counts[v] for v in values])
+        rank = max(1, math.ceil(share * self.count))
+        return values[int(np.searchsorted(cumulative, rank))]
+
+    @property
+    def median(self) -> int:
+        return self.quantile(0.5)
+
+    def histogram(self, bins: int = HISTOGRAM_BINS) -> list[tuple[int, int, int]]:
+        """(low, high, count) over equal-width integer bins from min to max, inclusive."""
+        if not self.counts:
+            return []
+        width = max(1, math.ceil((self.max - self.min + 1) / bins))
+        edges = range(self.min, self.max + 1, width)
+        return [
+            (low, low + width - 1, sum(n for v, n in self.counts.items() if low <= v < low + width))
+            for low in edges
+        ]
+
+
+@dataclass(frozen=True)
+class FailureStats:
+    """Annotation failures of the finished annotate parts."""
+
+    total: int
+    reasons: dict[str, int]
+    steps: dict[str, int]
+    transient: int
+
+    @property
+    def transient_share(self) -> float:
+        return self.transient / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class PartBalance:
+    """Pairs in, annotated and failed of one finished annotate part (and rows exported)."""
+
+    part: str
+    pairs: int
+    annotated: int
+    failed: int
+    exported: int | None  # None: the export stage has not finished this part
+
+    @property
+    def balanced(self) -> bool:
+        return self.pairs == self.annotated + self.failed and self.exported in (
+            None,
+            self.annotated,
+        )
+
+
+@dataclass
+class DatasetStats:
+    """What `dataset_stats` counted."""
+
+    path: Path
+    files: list[str] = field(default_factory=list)
+    rows: int = 0
+    distinct_queries: int = 0
+    distinct_targets: int = 0
+    pairs_per_channel: dict[str, int] = field(default_factory=dict)
+    pairs_per_channel_combination: dict[str, int] = field(default_factory=dict)
+    instructions_per_pair: Summary = Summary({})
+    instruction_words: Summary = Summary({})
+    negatives_per_pair: Summary = Summary({})
+    provenance: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> value -> rows
+    run: Path | None = None
+    failures: FailureStats | None = None
+    parts: list[PartBalance] = field(default_factory=list)
+
+
+@dataclass
+class _Tally:
+    """Counters filled file by file."""
+
+    rows: int = 0
+    queries: list[pa.Array] = field(default_factory=list)
+    targets: list[pa.Array] = field(default_factory=list)
+    channels: Counter[str] = field(default_factory=Counter)
+    combinations: Counter[str] = field(default_factory=Counter)
+    instructions: Counter[int] = field(default_factory=Counter)
+    words: Counter[int] = field(default_factory=Counter)
+    negatives: Counter[int] = field(default_factory=Counter)
+    provenance: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def add(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
+        names = set(table.column_names)
+        self.queries.append(pc.unique(table["q_img"]))
+        self.targets.append(pc.unique(table["t_img"]))
+        self.instructions.update(_value_counts(pc.list_value_length(table["q_text"])))
+        self.words.update(_value_counts(word_counts(table["q_text"])))
+        self.negatives.update(_value_counts(mined_negatives(table)))
+        if "channels" in names:
+            self.channels.update(_value_counts(pc.list_flatten(table["channels"])))
+            self.combinations.update(channel_combinations(table["channels"]))
+        for column in PROVENANCE_COLUMNS:
+            if column in names:
+                self.provenance.setdefault(column, Counter()).update(_value_counts(table[column]))
+
+
+def dataset_stats(path: Path, run: RunDir | None = None) -> DatasetStats:
+    """Count a dataset folder or file; with `run` (or when `path` is <run>/dataset) add the
+    run's annotation failures and per-part balance."""
+    path = Path(path)
+    files, _twins = dataset_files(path)
+    base = path if path.is_dir() else path.parent
+    tally = _Tally()
+    for file in files:
+        tally.add(read_stat_columns(file))
+    run = run if run is not None else run_of(path)
+    return DatasetStats(
+        path=path,
+        files=[f.relative_to(base).as_posix() for f in files],
+        rows=tally.rows,
+        distinct_queries=_distinct(tally.queries),
+        distinct_targets=_distinct(tally.targets),
+        pairs_per_channel=dict(tally.channels.most_common()),
+        pairs_per_channel_combination=dict(tally.combinations.most_common()),
+        instructions_per_pair=Summary(dict(sorted(tally.instructions.items()))),
+        instruction_words=Summary(dict(sorted(tally.words.items()))),
+        negatives_per_pair=Summary(dict(sorted(tally.negatives.items()))),
+        provenance={c: dict(n.most_common()) for c, n in tally.provenance.items()},
+        run=run.root if run else None,
+        failures=failure_stats(run) if run else None,
+        parts=part_balance(run) if run else [],
+    )
+
+
+def run_of(path: Path) -> RunDir | None:
+    """The run a dataset folder (or a file in it) belongs to: <run>/dataset with markers."""
+    folder = path if path.is_dir() else path.parent
+    if folder.name == DATASET_DIR and (folder.parent / "_progress").is_dir():
+        return RunDir(folder.parent)
+    return None
+
+
+def read_stat_columns(file: Path) -> pa.Table:
+    """The columns stats need (those present) from a Parquet or JSONL file; the released
+    columns must be there (`validate_dataset` says more about a broken file)."""
+    records: list[dict[str, Any]] = []
+    if file.suffix == ".parquet":
+        present = set(pq.ParquetFile(file).schema_arrow.names)
+    else:
+        with file.open(encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle if line.strip()]
+        present = set().union(*records) if records else set(RELEASED_COLUMNS)
+    lacking = [c for c in RELEASED_COLUMNS if c not in present]
+    if lacking:
+        raise ValueError(f"{file} is not a dataset file: it lacks {', '.join(lacking)}")
+    wanted = [c for c in [*STAT_COLUMNS, *PROVENANCE_COLUMNS] if c in present]
+    if file.suffix == ".parquet":
+        return pq.read_table(file, columns=wanted)
+    return pa.table(
+        {c: pa.array([r.get(c) for r in records], DATASET_SCHEMA.field(c).type) for c in wanted}
+    )
+
+
+def word_counts(instructions: pa.ChunkedArray) -> pa.Array:
+    """Words (whitespace-separated) of every instruction; an empty one has 0."""
+    texts = pc.utf8_trim_whitespace(pc.drop_null(pc.list_flatten(instructions)))
+    lengths = pc.list_value_length(pc.utf8_split_whitespace(texts))
+    return pc.if_else(pc.equal(texts, ""), 0, lengths)
+
+
+def mined_negatives(table: pa.Table) -> pa.Array | pa.ChunkedArray:
+    """Mined negatives per row: hard_negative_ids when present, else hns without a leading
+    query image."""
+    if "hard_negative_ids" in table.column_names:
+        return pc.list_value_length(table["hard_negative_ids"])
+    queries, negatives = table["q_img"].to_pylist(), table["hns"].to_pylist()
+    return pa.array(
+        [
+            len(n or []) - int(bool(n) and n[0] == q)
+            for q, n in zip(queries, negatives, strict=True)
+        ],
+        pa.int64(),
+    )
+
+
+def channel_combinations(channels: pa.ChunkedArray) -> Counter[str]:
+    """Rows per set of channels, named by the sorted channel names joined with '+'."""
+    combinations: Counter[str] = Counter()
+    for joined, count in _value_counts(pc.binary_join(channels, "+")).items():
+        combinations["+".join(sorted(joined.split("+"))) if joined else ""] += count
+    return combinations
+
+
+def _value_counts(values: pa.Array | pa.ChunkedArray) -> dict[Any, int]:
+    counted = pc.value_counts(pc.drop_null(values)).to_pylist()
+    return {row["values"]: row["counts"] for row in counted}
+
+
+def _distinct(chunks: list[pa.Array]) -> int:
+    if not chunks:
+        return 0
+    values = pa.chunked_array([c.cast(pa.string()) for c in chunks], pa.string())
+    return int(pc.count_distinct(values).as_py())
+
+
+def failure_stats(run: RunDir) -> FailureStats:
+    """Failure reasons, steps and the transient share of the finished annotate parts."""
+    paths = run.files(ANNOTATION_FAILURES_DIR, ANNOTATE_STAGE)
+    table = concat_tables(paths, ANNOTATION_FAILURES_SCHEMA, ["reason", "step", "transient"])
+    return FailureStats(
+        total=table.num_rows,
+        reasons=dict(Counter(table["reason"].to_pylist()).most_common()),
+        steps=dict(Counter(table["step"].to_pylist()).most_common()),
+        transient=int(pc.sum(table["transient"]).as_py() or 0),
+    )
+
+
+def part_balance(run: RunDir) -> list[PartBalance]:
+    """Pairs, annotated, failed (and exported) rows of each finished annotate part."""
+    exported = set(run.done_parts(EXPORT_STAGE))
+    balance = []
+    for part in run.done_parts(ANNOTATE_STAGE):
+        dataset = run.part_path(DATASET_DIR, part)
+        balance.append(
+            PartBalance(
+                part=part,
+                pairs=_rows(run.part_path(PAIRS_DIR, part)),
+                annotated=_rows(run.part_path(ANNOTATIONS_DIR, part)),
+                failed=_rows(run.part_path(ANNOTATION_FAILURES_DIR, part)),
+                exported=_rows(dataset) if part in exported and dataset.exists() else None,
+            )
+        )
+    return balance
+
+
+def _rows(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+
+
+def format_stats(stats: DatasetStats) -> str:
+    """A person-readable summary of `stats`."""
+    lines = [
+        f"{stats.path}: {stats.rows} pairs in {len(stats.files)} file(s), "
+        f"{stats.distinct_queries} distinct query images, {stats.distinct_targets} distinct targets"
+    ]
+    if stats.pairs_per_channel:
+        lines.append(f"pairs per channel: {_counts(stats.pairs_per_channel)}")
+        lines.append(
+            f"pairs per channel combination: {_counts(stats.pairs_per_channel_combination)}"
+        )
+    lines.append(f"instructions per pair: {_counts(stats.instructions_per_pair.counts)}")
+    lines += _summary_lines("instruction length (words)", stats.instruction_words)
+    lines.append(f"negatives per pair: {_counts(stats.negatives_per_pair.counts)}")
+    lines += [f"{column}: {_counts(values)}" for column, values in stats.provenance.items()]
+    if stats.failures is not None:
+        lines += _failure_lines(stats.failures)
+    if stats.parts:
+        lines += _balance_lines(stats.parts)
+    return "\n".join(lines)
+
+
+def _counts(counts: dict[Any, int]) -> str:
+    return ", ".join(f"{key or '(none)'}: {n}" for key, n in counts.items()) or "-"
+
+
+def _summary_lines(title: str, summary: Summary) -> list[str]:
+    lines = [
+        f"{title}: min {summary.min}, median {summary.median}, mean {summary.mean:.1f}, "
+        f"p90 {summary.quantile(0.9)}, max {summary.max} ({summary.count} values)"
+    ]
+    histogram = summary.histogram()
+    peak = max((n for *_, n in histogram), default=0)
+    for low, high, n in histogram:
+        bar = "#" * math.ceil(BAR_WIDTH * n / peak) if n else ""
+        label = f"{low}" if low == high else f"{low}-{high}"
+        lines.append(f"  {label:>9} | {bar} {n}")
+    return lines
+
+
+def _failure_lines(failures: FailureStats) -> list[str]:
+    lines = [
+        f"annotation failures (finished parts): {failures.total}, transient {failures.transient} "
+        f"({failures.transient_share:.0%}; a re-run retries them)"
+    ]
+    lines += [f"  {reason}: {n}" for reason, n in failures.reasons.items()]
+    return lines
+
+
+def _balance_lines(parts: list[PartBalance]) -> list[str]:
+    lines = ["parts (pairs = annotated + failed):"]
+    for p in parts:
+        exported = "" if p.exported is None else f", {p.exported} exported"
+        line = f"  {p.part}: {p.pairs} pairs, {p.annotated} annotated, {p.failed} failed{exported}"
+        lines.append(line if p.balanced else f"{line}  <- MISMATCH")
+    unbalanced = [p.part for p in parts if not p.balanced]
+    if unbalanced:
+        lines.append(
+            f"MISMATCH in {len(unbalanced)} parts ({', '.join(unbalanced)}): pairs != annotated + "
+            "failed (or exported != annotated); pairs were lost: re-run annotate/export there"
+        )
+    else:
+        total = sum(p.pairs for p in parts)
+        lines.append(f"  all {len(parts)} parts balance: {total} pairs in, none lost")
+    return lines

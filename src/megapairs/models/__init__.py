@@ -1,0 +1,1 @@
+"""Retrievers trained on MegaPairs data: MMRet-CLIP (score fusion) and MMRet-MLLM."""

@@ -1,0 +1,396 @@
+"""MMRet-CLIP: a CLIP dual encoder whose composed embedding is score fusion.
+
+Paper section 3.2, eq. (2): a composed image + text item is embedded as
+`e_it = Phi_I(I) + Phi_T(T)`, the element-wise sum of the two towers' outputs,
+"the score-fusion strategy as used by UniIR". UniIR's released `CLIPScoreFusion`
+(TIGER-AI-Lab/UniIR, `src/models/uniir_clip/clip_scorefusion/clip_sf.py`) adds the
+*unnormalised* `encode_image` and `encode_text` outputs in `fuse_embeddings` and
+L2-normalises the sum before the loss; BGE-VL's documentation (bge-model.com,
+"BGE-VL-CLIP") says the released MMRet-CLIP models "directly use score-fusion to
+sum up the outputs of visual encoder and text encoder", which its hub file
+`modeling_MMRet_CLIP.py` (`encode_multimodal`: `get_image_features +
+get_text_features`, then normalise) does. So here:
+
+    composed = normalize(W_v * pool(vision(I)) + W_t * pool(text(T)))
+
+on the projected but *unnormalised* features; image-only and text-only items are
+the usual normalised CLIP embeddings. The tower with the larger feature norm weighs
+more in the sum; that is the published model, and training adapts to it.
+
+A checkpoint is a standard transformers CLIP folder (config + weights + image
+processor + tokenizer): `save_pretrained` writes exactly that, so it also loads
+with plain `transformers.CLIPModel.from_pretrained`, and a released BGE-VL CLIP
+checkpoint (a CLIP config and weights) loads here unchanged. Any plain CLIP
+checkpoint loads too: that is the zero-shot `clip` baseline.
+
+Images go through transformers' PIL-backed CLIP image processor
+(`CLIPImageProcessorPil` in transformers 5, the slow `CLIPImageProcessor` before):
+the torchvision backend is never used, so preprocessing is the same on every
+machine. Its resize and crop come from the checkpoint (224 px for CLIP-B/16 and
+CLIP-L/14, as in the paper).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from megapairs.encoders.base import resolve_dtype
+from megapairs.encoders.hf import text_max_length
+from megapairs.models.base import RETRIEVERS
+from megapairs.models.inputs import (
+    ImageInput,
+    ImagesInput,
+    TextsInput,
+    as_image_list,
+    as_text_list,
+    check_batch_lengths,
+    load_images,
+)
+
+Item = TypeVar("Item")
+PathLike = str | os.PathLike[str]
+
+
+class MMRetCLIP(torch.nn.Module):
+    """A transformers `CLIPModel` (attribute `clip`) with its image processor and tokenizer.
+
+    Tensor-level methods (`image_embeddings`, `text_embeddings`,
+    `composed_embeddings`, `forward`) are differentiable and meant for training;
+    `encode`, `encode_queries` and `encode_candidates` take user inputs and run
+    without gradients. Every embedding is float32 with unit rows."""
+
+    def __init__(
+        self,
+        clip: Any,
+        image_processor: Any,
+        tokenizer: Any,
+        name: str = "mmret-clip",
+        max_text_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_text_length = text_max_length(tokenizer, clip.config.text_config, max_text_length)
+
+    # loading and saving ------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        max_text_length: int | None = None,
+        name: str | None = None,
+    ) -> MMRetCLIP:
+        """Load a CLIP checkpoint (a hub name or a local folder) with its processor.
+
+        `device` may be `auto` (cuda when available); `dtype` `auto` is float16 on
+        cuda and float32 elsewhere. `max_text_length` defaults to the longest text
+        the model reads. Raises OSError naming the checkpoint when it cannot be
+        loaded, ValueError when it is not a complete CLIP checkpoint."""
+        source = os.fspath(name_or_path)
+        torch_device = _resolve_device(device)
+        torch_dtype = (
+            dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device)
+        )
+        try:
+            _check_clip_config(source)
+            clip = _load_clip_model(source)
+            image_processor = load_clip_image_processor(source)
+            tokenizer = _load_tokenizer(source)
+        except OSError as err:
+            raise OSError(_load_failure(source, err)) from err
+        clip = clip.to(device=torch_device, dtype=torch_dtype).eval()
+        return cls(
+            clip, image_processor, tokenizer, name or f"mmret-clip:{source}", max_text_length
+        )
+
+    def save_pretrained(self, path: PathLike) -> None:
+        """Write config, weights, image processor and tokenizer: a standard CLIP folder."""
+        self.clip.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        """The size of every embedding (CLIP's projection size)."""
+        return int(self.clip.config.projection_dim)
+
+    # tensors: differentiable, for training -----------------------------------
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, d) unit rows."""
+        return _unit_rows(self.image_features(pixel_values))
+
+    def text_embeddings(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, L) tokens -> (B, d) unit rows."""
+        return _unit_rows(self.text_features(input_ids, attention_mask))
+
+    def composed_embeddings(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Score fusion: normalize(image features + text features), one image per text."""
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"composed embeddings need one image per text: got {pixel_values.shape[0]} "
+                f"images and {input_ids.shape[0]} texts"
+            )
+        fused = self.image_features(pixel_values) + self.text_features(input_ids, attention_mask)
+        return _unit_rows(fused)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The embeddings of whatever is given: images, texts, or both (composed).
+
+        The same as calling the matching `*_embeddings` method; it exists so that
+        wrappers that call the module (DistributedDataParallel, accelerate) work."""
+        if input_ids is None:
+            if pixel_values is None:
+                raise ValueError("nothing to embed: give pixel_values, input_ids, or both")
+            return self.image_embeddings(pixel_values)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if pixel_values is None:
+            return self.text_embeddings(input_ids, mask)
+        return self.composed_embeddings(pixel_values, input_ids, mask)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The projected, unnormalised image features (what score fusion adds)."""
+        dtype = self.clip.visual_projection.weight.dtype
+        pixels = pixel_values.to(device=self.device, dtype=dtype)
+        return _pooled(self.clip.get_image_features(pixel_values=pixels))
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The projected, unnormalised text features (what score fusion adds)."""
+        output = self.clip.get_text_features(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+        )
+        return _pooled(output)
+
+    # preprocessing -----------------------------------------------------------
+
+    def preprocess(
+        self, images: ImagesInput | None = None, text: TextsInput | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs on the CPU: `pixel_values` for images; `input_ids` and
+        `attention_mask` for texts (padded to the longest, truncated to
+        `max_text_length`). Images and texts are processed independently: pairing
+        them is the caller's business (see `composed_embeddings`)."""
+        batch: dict[str, torch.Tensor] = {}
+        if images is not None:
+            pictures = load_images(images)
+            if pictures:
+                pixels = self.image_processor(images=pictures, return_tensors="pt")
+                batch["pixel_values"] = pixels["pixel_values"].float()
+        if text is not None:
+            texts = as_text_list(text)
+            if texts:
+                tokens = self.tokenizer(
+                    texts,
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_text_length,
+                    return_tensors="pt",
+                )
+                batch["input_ids"] = tokens["input_ids"]
+                batch["attention_mask"] = tokens["attention_mask"]
+        return batch
+
+    # user-facing encoding ----------------------------------------------------
+
+    def encode(
+        self,
+        images: ImagesInput | None = None,
+        text: TextsInput | None = None,
+        batch_size: int = 64,
+    ) -> torch.Tensor:
+        """Embed images, texts, or composed image + text items (one image per text).
+
+        Images are paths or PIL images (one or a list), texts a string or a list.
+        Runs without gradients in eval mode (the previous mode is restored), in
+        batches on the model's device, opening image files one batch at a time.
+        Returns a float32 (N, d) CPU tensor with unit rows."""
+        if images is None and text is None:
+            raise ValueError("nothing to encode: give images, text, or both")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        image_list = None if images is None else as_image_list(images)
+        text_list = None if text is None else as_text_list(text)
+        check_batch_lengths(image_list, text_list)
+        count = len(image_list) if image_list is not None else len(text_list or [])
+        with _eval_mode(self), torch.inference_mode():
+            rows = [
+                self._encode_batch(
+                    _slice(image_list, start, start + batch_size),
+                    _slice(text_list, start, start + batch_size),
+                )
+                for start in range(0, count, batch_size)
+            ]
+        return torch.cat(rows) if rows else torch.zeros(0, self.dim)
+
+    def encode_queries(
+        self,
+        images: ImagesInput | None,
+        texts: TextsInput | None,
+        instruction: str | None = None,
+    ) -> torch.Tensor:
+        """Embed queries; a task `instruction` is prepended to each query text
+        (`"{instruction} {text}"`), and stands as the text of image-only queries,
+        which then become composed (image, instruction) items, as in UniIR's
+        instruction-following queries. Without an instruction this is `encode`."""
+        if instruction and instruction.strip():
+            texts = _with_instruction(instruction.strip(), images, texts)
+        return self.encode(images, texts)
+
+    def encode_candidates(
+        self, images: ImagesInput | None, texts: TextsInput | None
+    ) -> torch.Tensor:
+        """Embed candidates: `encode` of the given images and/or texts."""
+        return self.encode(images, texts)
+
+    def _encode_batch(
+        self, images: list[ImageInput] | None, texts: list[str] | None
+    ) -> torch.Tensor:
+        inputs = self.preprocess(images, texts)
+        return self.forward(**inputs).float().cpu()
+
+
+# registry ---------------------------------------------------------------------
+
+
+def _retriever_factory(kind: str) -> Callable[..., MMRetCLIP]:
+    def build(model: str, **options: Any) -> MMRetCLIP:
+        return MMRetCLIP.from_pretrained(model, name=f"{kind}:{model}", **options)
+
+    build.__doc__ = f"The `{kind}` retriever: MMRetCLIP.from_pretrained(model, **options)."
+    return build
+
+
+RETRIEVERS.register("mmret-clip")(_retriever_factory("mmret-clip"))
+RETRIEVERS.register("clip")(_retriever_factory("clip"))
+
+
+# loading helpers --------------------------------------------------------------
+
+
+def load_clip_image_processor(source: PathLike) -> Any:
+    """The checkpoint's CLIP image processor with the PIL backend (never torchvision).
+
+    transformers 5 names it `CLIPImageProcessorPil`; in transformers 4 the plain
+    (slow) `CLIPImageProcessor` is the PIL/numpy one."""
+    import transformers
+
+    processor_class = getattr(transformers, "CLIPImageProcessorPil", None)
+    return (processor_class or transformers.CLIPImageProcessor).from_pretrained(source)
+
+
+def _check_clip_config(source: str) -> None:
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(source)
+    model_type = config.get("model_type")
+    if model_type != "clip":
+        found = f"model_type {model_type!r}" if config else "no config.json"
+        raise ValueError(f"{source!r} is not a CLIP checkpoint ({found}; expected 'clip')")
+
+
+def _load_clip_model(source: str) -> Any:
+    from transformers import CLIPModel
+
+    loaded: Any = CLIPModel.from_pretrained(source, output_loading_info=True)
+    model, info = loaded
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(sorted(missing)[:5])
+        raise ValueError(
+            f"{source!r} lacks {len(missing)} CLIP weight(s) ({shown}, ...): "
+            "a complete CLIP checkpoint (both towers and projections) is needed"
+        )
+    return model
+
+
+def _load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
+
+
+def _load_failure(source: str, err: Exception) -> str:
+    """Why `source` did not load, and what to do about it."""
+    reason = str(err).strip().rstrip(".")
+    if Path(source).exists():
+        return (
+            f"cannot load a CLIP checkpoint from the local folder {source!r}: {reason}. "
+            "It must hold a CLIP config, weights, image processor and tokenizer "
+            "(as MMRetCLIP.save_pretrained writes them)."
+        )
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false")
+    hub = "HF_HUB_OFFLINE switches the hub off here" if offline else "is the hub reachable?"
+    return (
+        f"cannot load a CLIP checkpoint from {source!r}: no local folder of that name "
+        f"exists, and as a hub name it needs network access ({hub}): {reason}. "
+        "Offline, pass a local folder saved with save_pretrained."
+    )
+
+
+# small helpers ----------------------------------------------------------------
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    """`get_*_features` output as a tensor: transformers 5 wraps it in a model output."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _unit_rows(features: torch.Tensor) -> torch.Tensor:
+    return F.normalize(features.float(), dim=-1)
+
+
+def _slice(items: list[Item] | None, start: int, stop: int) -> list[Item] | None:
+    return None if items is None else items[start:stop]
+
+
+def _with_instruction(
+    instruction: str, images: ImagesInput | None, texts: TextsInput | None
+) -> list[str]:
+    if texts is not None:
+        return [f"{instruction} {text}" for text in as_text_list(texts)]
+    if images is None:
+        raise ValueError("nothing to encode: give images, texts, or both")
+    return [instruction] * len(as_image_list(images))
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for a block, then the module's previous mode again."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

@@ -1,0 +1,1 @@
+"""Contrastive training of MMRet retrievers: losses, negatives, gradient caching, trainer."""

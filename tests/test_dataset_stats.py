@@ -1,0 +1,137 @@
+"""Dataset statistics on the fixture run: exact counts, failures, per-part balance."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from run_fixtures import INSTRUCTIONS, FixtureRun, build_run, fixture_config
+
+from megapairs.dataset.export import ExportStage
+from megapairs.dataset.stats import PartBalance, Summary, dataset_stats, format_stats
+from megapairs.pipeline.runner import LocalRunner
+from megapairs.runs import RunDir
+from megapairs.schemas import ANNOTATION_FAILURES_DIR
+
+
+@pytest.fixture
+def exported(tmp_path: Path) -> FixtureRun:
+    fixture = build_run(tmp_path)
+    config = fixture_config()
+    LocalRunner(fixture.run, config, progress=False).run_all([ExportStage(config)])
+    return fixture
+
+
+def dataset(fixture: FixtureRun) -> Path:
+    return fixture.run.root / "dataset"
+
+
+def test_counts_of_the_fixture_export(exported: FixtureRun) -> None:
+    stats = dataset_stats(dataset(exported))
+    assert stats.rows == 5 and stats.files == ["part-00000.parquet", "part-00001.parquet"]
+    assert stats.distinct_queries == 4 and stats.distinct_targets == 4
+    assert stats.pairs_per_channel == {"image": 4, "caption": 2, "dino": 2}
+    assert stats.pairs_per_channel_combination == {
+        "dino+image": 2,
+        "image": 1,
+        "caption+image": 1,
+        "caption": 1,
+    }
+    assert stats.instructions_per_pair.counts == {3: 3, 4: 1, 5: 1}
+    assert stats.negatives_per_pair.counts == {1: 1, 2: 3, 3: 1}
+    assert stats.provenance["backend"] == {"template": 5}
+    assert stats.provenance["prompt_version"] == {"default-1a2b3c": 5}
+
+
+def test_instruction_length_distribution(exported: FixtureRun) -> None:
+    words = dataset_stats(dataset(exported)).instruction_words
+    lengths = [len(text.split()) for texts in INSTRUCTIONS.values() for text in texts]
+    assert words.count == 18 == len(lengths)
+    assert (words.min, words.median, words.quantile(0.9), words.max) == (2, 4, 7, 11)
+    assert words.median == int(np.percentile(lengths, 50, method="inverted_cdf"))
+    assert words.quantile(0.9) == int(np.percentile(lengths, 90, method="inverted_cdf"))
+    assert words.mean == pytest.approx(np.mean(lengths))
+    assert sum(n for *_, n in words.histogram()) == 18
+
+
+def test_summary_edges() -> None:
+    assert Summary({}).median == 0 and Summary({}).histogram() == []
+    summary = Summary({0: 1, 100: 1})
+    assert summary.median == 0 and summary.quantile(0.9) == 100
+    assert [(low, high, n) for low, high, n in summary.histogram(bins=4) if n] == [
+        (0, 25, 1),
+        (78, 103, 1),
+    ]
+
+
+def test_failures_and_part_balance_from_the_run(exported: FixtureRun) -> None:
+    stats = dataset_stats(dataset(exported))
+    assert stats.run == exported.run.root
+    assert stats.failures is not None
+    assert stats.failures.reasons == {"timeout": 1, "unparseable": 1}
+    assert stats.failures.transient == 1 and stats.failures.transient_share == 0.5
+    assert stats.parts == [
+        PartBalance("part-00000", pairs=4, annotated=3, failed=1, exported=3),
+        PartBalance("part-00001", pairs=3, annotated=2, failed=1, exported=2),
+    ]
+    text = format_stats(stats)
+    assert "pairs per channel: image: 4, caption: 2, dino: 2" in text
+    assert "instructions per pair: 3: 3, 4: 1, 5: 1" in text
+    assert "annotation failures (finished parts): 2, transient 1 (50%" in text
+    assert "all 2 parts balance: 7 pairs in, none lost" in text
+
+
+def test_only_finished_annotate_parts_count(exported: FixtureRun) -> None:
+    (exported.run.root / "_progress" / "annotate" / "part-00001.json").unlink()
+    stats = dataset_stats(dataset(exported))
+    assert stats.failures is not None and stats.failures.reasons == {"timeout": 1}
+    assert [p.part for p in stats.parts] == ["part-00000"]
+
+
+def test_a_part_that_lost_pairs_is_flagged(exported: FixtureRun) -> None:
+    failures = exported.run.part_path(ANNOTATION_FAILURES_DIR, "part-00001")
+    pq.write_table(pq.read_table(failures).slice(0, 0), failures)
+    stats = dataset_stats(dataset(exported))
+    assert [p.balanced for p in stats.parts] == [True, False]
+    assert "MISMATCH in 1 parts (part-00001)" in format_stats(stats)
+
+
+def test_released_layout_and_jsonl_give_the_same_counts(
+    exported: FixtureRun, tmp_path: Path
+) -> None:
+    released, jsonl_only = tmp_path / "released", tmp_path / "jsonl"
+    released.mkdir()
+    jsonl_only.mkdir()
+    for part in exported.parts:
+        table = pq.read_table(dataset(exported) / f"{part}.parquet")
+        pq.write_table(
+            table.select(["q_img", "q_text", "t_img", "hns"]), released / f"{part}.parquet"
+        )
+        shutil.copy(dataset(exported) / f"{part}.jsonl", jsonl_only)
+    full = dataset_stats(dataset(exported), run=None)
+    for path in (released, jsonl_only):
+        stats = dataset_stats(path)
+        assert stats.run is None and stats.failures is None and stats.parts == []
+        assert stats.instructions_per_pair == full.instructions_per_pair
+        assert stats.instruction_words == full.instruction_words
+        assert stats.negatives_per_pair == full.negatives_per_pair
+        assert stats.distinct_queries == full.distinct_queries
+    assert dataset_stats(released).pairs_per_channel == {}
+    jsonl = dataset_stats(jsonl_only / "part-00000.jsonl")
+    assert jsonl.rows == 3 and jsonl.pairs_per_channel == {"image": 2, "caption": 2}
+
+
+def test_an_explicit_run_adds_its_failures(exported: FixtureRun, tmp_path: Path) -> None:
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(dataset(exported), moved, ignore=shutil.ignore_patterns("images"))
+    assert dataset_stats(moved).failures is None
+    stats = dataset_stats(moved, run=RunDir(exported.run.root))
+    assert stats.failures is not None and stats.failures.total == 2
+
+
+def test_a_file_without_the_released_columns_is_refused(exported: FixtureRun) -> None:
+    with pytest.raises(ValueError, match="not a dataset file: it lacks q_img, q_text, t_img, hns"):
+        dataset_stats(exported.run.root / "pairs")
