@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import re
 import socket
@@ -13,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from chat_server import ChatServer, Faults, description_for, instructions_for
-from PIL import Image
+from image_fixtures import jpeg_bytes
 
 from megapairs.annotation.backends.base import BACKENDS
 from megapairs.annotation.backends.openai_chat import OpenAIBackend, parse_retry_after
@@ -71,19 +70,13 @@ def annotate_config(
     return AnnotateConfig.model_validate(settings | overrides)
 
 
-def jpeg(color: tuple[int, int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (12, 10), color).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
 def describe_request(
     query_caption: str = "a brown dog on a sunny beach",
     target_caption: str = "a brown dog in deep snow",
     seed: int = 7,
     images: tuple[bytes, bytes] | None = None,
 ) -> PromptRequest:
-    query, target = images or (jpeg((200, 30, 30)), jpeg((30, 30, 200)))
+    query, target = images or (jpeg_bytes((200, 30, 30)), jpeg_bytes((30, 30, 200)))
     text = (
         f"Query image caption: {query_caption}\nTarget image caption: {target_caption}\n"
         "Describe what the two images share and how the target differs, in about 80 words."
@@ -157,7 +150,7 @@ def test_registered_factory_refuses_a_missing_model(server: ChatServer) -> None:
 
 
 def test_describer_request_on_the_wire(server: ChatServer) -> None:
-    images = (jpeg((250, 0, 0)), jpeg((0, 0, 250)))
+    images = (jpeg_bytes((250, 0, 0)), jpeg_bytes((0, 0, 250)))
     backend = OpenAIBackend(annotate_config(server.base_url))
     result = complete_one(backend, describe_request(seed=1234, images=images))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from megapairs.schemas import (
     ANNOTATION_FAILURES_SCHEMA,
     ANNOTATIONS_DIR,
     ANNOTATIONS_SCHEMA,
+    DATASET_SCHEMA,
 )
 
 SEED = 7
@@ -101,6 +103,18 @@ def test_template_backend_annotates_every_pair_offline(fixture_run: FixtureRun) 
         assert target in row["description"] or target == "(no caption)"
     again = annotate(fixture_run.run, config)
     assert again.computed == 0 and again.counts == result.counts
+
+
+def test_template_keeps_enough_instructions_when_its_specific_ones_restate_the_target() -> None:
+    from megapairs.annotation.backends.template import instruct_pair
+    from megapairs.annotation.checks import check_instructions
+    from megapairs.annotation.types import PairContext
+
+    unrelated = PairContext("p", "a green ring", "four red solid squares", word_num=70)
+    raw = json.dumps({"instructions": instruct_pair(unrelated)})
+    check = check_instructions(raw, unrelated.target_caption, 3, 6, (3, 40))
+    assert check.reason is None and len(check.accepted) >= 3
+    assert any(d.startswith("restates_target_caption") for d in check.dropped)
 
 
 # openai backend: what is sent ----------------------------------------------------------------
@@ -208,9 +222,9 @@ def test_faults_end_in_failures_with_reasons_and_a_rerun_completes_the_rest(
 ) -> None:
     run, config = fixture_run.run, openai_config(server.base_url)
     server.faults = Faults(rule=fault_rule(), retry_after=1, hang=3.0)
-    started = time.perf_counter()
     first = annotate(run, config)
-    assert time.perf_counter() - started >= 1.0  # the 429's Retry-After was honoured
+    limited = [r.time for r in server.requests if pair_of(r.body) == P["rate_limited_once"]]
+    assert limited[1] - limited[0] >= 0.95  # the 429's Retry-After: 1 was honoured
 
     failed = {row["pair_id"]: row for row in failures(run).to_pylist()}
     reasons = {pair: (row["step"], row["reason"], row["transient"]) for pair, row in failed.items()}
@@ -359,3 +373,88 @@ def test_hf_backend_runs_tiny_local_models_through_the_stage(
         assert not row["transient"]
     again = annotate(fixture_run.run, config)  # nothing transient: nothing is redone
     assert again.computed == 0
+
+
+# what a re-run sends: only transient failures, and never an answer of another config ----------
+def drop_stage_outputs(run: RunDir, stage: str, folders: tuple[str, ...]) -> None:
+    """Delete a stage's markers and output tables (its answer cache stays)."""
+    for path in (run.root / "_progress" / stage).glob("*.json"):
+        path.unlink()
+    for folder in folders:
+        for path in run.folder(folder).glob("part-*"):
+            path.unlink()
+
+
+def test_a_rerun_retries_transient_failures_only(
+    fixture_run: FixtureRun, server: ChatServer
+) -> None:
+    run, config = fixture_run.run, openai_config(server.base_url)
+    plan = {(P["always_500"], "describe"): "http_500", (P["clean"], "describe"): "http_400"}
+    server.faults = Faults(rule=lambda body: plan.get((pair_of(body), step_of(body))))
+    annotate(run, config)
+    assert {r["pair_id"]: r["reason"] for r in failures(run).to_pylist()} == {
+        P["always_500"]: "server_error",
+        P["clean"]: "client_error",
+    }
+    server.faults = Faults()
+    sent_before = len(server.requests)
+    annotate(run, config)
+    resent = {pair_of(r.body) for r in server.requests[sent_before:]}
+    assert resent == {P["always_500"]}  # the 400 is final: kept, not sent again
+    assert {r["pair_id"]: r["reason"] for r in failures(run).to_pylist()} == {
+        P["clean"]: "client_error"
+    }
+
+
+def test_cached_answers_are_reused_only_under_the_same_settings(
+    fixture_run: FixtureRun, server: ChatServer
+) -> None:
+    run = fixture_run.run
+    annotate(run, openai_config(server.base_url))
+    answers = len(server.requests)
+    folders = (ANNOTATIONS_DIR, ANNOTATION_FAILURES_DIR)
+    drop_stage_outputs(run, "annotate", folders)
+    annotate(run, openai_config(server.base_url))  # same settings: all from the cache
+    assert len(server.requests) == answers
+    drop_stage_outputs(run, "annotate", folders)
+    annotate(run, openai_config(server.base_url, word_range=(20, 30)))
+    assert len(server.requests) == 2 * answers  # another word budget: asked again
+
+
+def test_an_unexpected_error_is_a_failure_row_and_a_rerun_retries_it(
+    fixture_run: FixtureRun, server: ChatServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import megapairs.annotation.flow as flow
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("a bug in the checks")
+
+    run, config = fixture_run.run, openai_config(server.base_url)
+    monkeypatch.setattr(flow, "check_instructions", broken)
+    first = annotate(run, config)
+    assert first.counts["failed_internal_error"] == len(ALL_PAIRS)
+    assert all(row["transient"] for row in failures(run).to_pylist())
+    monkeypatch.undo()
+    sent_before = len(server.requests)
+    second = annotate(run, config)
+    assert second.counts["annotated"] == len(ALL_PAIRS)
+    assert len(server.requests) == sent_before  # the answers were cached before the bug hit
+
+
+def test_export_follows_a_part_annotated_again_with_another_backend(
+    fixture_run: FixtureRun, server: ChatServer
+) -> None:
+    from megapairs.dataset.export import ExportStage
+
+    def export(config: PipelineConfig) -> pa.Table:
+        runner = LocalRunner(fixture_run.run, config, progress=False)
+        runner.run_stage(ExportStage(config))
+        return concat_tables(fixture_run.run.files("dataset", "export"), DATASET_SCHEMA)
+
+    template = PipelineConfig.model_validate({"seed": SEED})
+    annotate(fixture_run.run, template)
+    assert set(export(template)["backend"].to_pylist()) == {"template"}
+    drop_stage_outputs(fixture_run.run, "annotate", (ANNOTATIONS_DIR, ANNOTATION_FAILURES_DIR))
+    served = openai_config(server.base_url)
+    annotate(fixture_run.run, served)
+    assert set(export(served)["backend"].to_pylist()) == {"openai"}

@@ -50,3 +50,24 @@ def test_steps_reuse_the_config_stored_in_the_run(tmp_path, capsys):
     summary = capsys.readouterr().out
     assert f"images: {corpus.n_images} kept" in summary
     assert "ingest rejected truncated: 1" in summary
+
+
+def test_validate_and_stats_commands_report_and_set_the_exit_code(tmp_path, capsys):
+    from run_fixtures import build_run, fixture_config
+
+    from megapairs.dataset.export import ExportStage
+    from megapairs.pipeline.runner import LocalRunner
+
+    fixture = build_run(tmp_path)
+    config = fixture_config()
+    runner = LocalRunner(fixture.run, config, progress=False)
+    runner.start()
+    runner.run_stage(ExportStage(config))
+    dataset = fixture.run.root / "dataset"
+    assert main(["validate", str(dataset)]) == 0
+    assert main(["stats", str(fixture.run.root)]) == 0
+    out = capsys.readouterr().out
+    assert "5 pairs" in out and "timeout" in out and "unparseable" in out
+    next(dataset.rglob("*.png")).unlink()  # a referenced image goes missing
+    assert main(["validate", str(dataset)]) == 1
+    assert "missing_image" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from image_fixtures import save_random_images
 from PIL import Image
 from tiny_models import Tiny
 
@@ -33,17 +34,8 @@ def model(tiny_clip: Tiny) -> MMRetCLIP:
 @pytest.fixture(scope="module")
 def image_paths(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three different pictures of different sizes and modes, saved as files."""
-    folder = tmp_path_factory.mktemp("images")
-    generator = torch.Generator().manual_seed(0)
-    paths = []
-    for index, (size, mode) in enumerate([((40, 48), "RGB"), ((64, 36), "RGBA"), ((33, 33), "L")]):
-        channels = len(mode)
-        shape = (size[1], size[0], channels) if channels > 1 else (size[1], size[0])
-        pixels = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
-        path = folder / f"image-{index}.png"
-        Image.fromarray(pixels.numpy(), mode).save(path)
-        paths.append(path)
-    return paths
+    specs = [((40, 48), "RGB"), ((64, 36), "RGBA"), ((33, 33), "L")]
+    return save_random_images(tmp_path_factory.mktemp("images"), specs)
 
 
 def by_hand(tiny: Tiny, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
@@ -86,6 +78,8 @@ def test_unloadable_checkpoints_fail_clearly(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "dinov2"}))
     with pytest.raises(ValueError, match=r"not a CLIP checkpoint.*'dinov2'"):
         MMRetCLIP.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^device 'gpu0' is not a torch device"):
+        MMRetCLIP.from_pretrained(tmp_path, device="gpu0")
 
 
 def test_checkpoint_missing_weights_is_refused(tiny_clip: Tiny, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from image_fixtures import save_random_images
 from PIL import Image
 from tiny_models import Tiny
 
@@ -48,17 +49,8 @@ def adapted(tiny: Tiny) -> MMRetMLLM:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three random pictures of different shapes and modes, saved as files."""
-    folder = tmp_path_factory.mktemp("images")
-    generator = torch.Generator().manual_seed(0)
-    paths = []
-    for index, (size, mode) in enumerate([((40, 48), "RGB"), ((64, 36), "RGBA"), ((90, 30), "L")]):
-        channels = len(mode)
-        shape = (size[1], size[0], channels) if channels > 1 else (size[1], size[0])
-        pixels = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
-        path = folder / f"image-{index}.png"
-        Image.fromarray(pixels.numpy(), mode).save(path)
-        paths.append(path)
-    return paths
+    specs = [((40, 48), "RGB"), ((64, 36), "RGBA"), ((90, 30), "L")]
+    return save_random_images(tmp_path_factory.mktemp("images"), specs)
 
 
 def opened(path: Path) -> Image.Image:

@@ -147,8 +147,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     path: Path = args.path
     is_run = (path / "manifest.json").exists()
     dataset = path / DATASET_DIR if is_run else path
-    print(format_stats(dataset_stats(dataset, RunDir(path) if is_run else None)))
-    return 0
+    stats = dataset_stats(dataset, RunDir(path) if is_run else None)
+    print(format_stats(stats))
+    return 1 if any(not part.balanced for part in stats.parts) else 0
 
 
 def resolve_config(args: argparse.Namespace) -> PipelineConfig:

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 InputFormat = Literal["auto", "folder", "manifest", "webdataset", "parquet"]
 
@@ -127,7 +134,7 @@ class AnnotateConfig(Section):
     backoff_initial: float = Field(1.0, gt=0.0)  # seconds; doubles per retry, full jitter
     backoff_max: float = Field(60.0, gt=0.0)  # also caps a server's Retry-After
     retry_failed: bool = True  # a re-run re-opens parts with transient (server-side) failures
-    flush_every: int = Field(256, ge=1)  # finished requests between cache flushes
+    flush_every: int = Field(64, ge=1)  # finished requests between cache flushes
     describer: EndpointConfig = EndpointConfig()
     instructor: EndpointConfig = EndpointConfig()
 
@@ -138,6 +145,15 @@ class AnnotateConfig(Section):
         if not 1 <= low <= high:
             raise ValueError(f"range must satisfy 1 <= low <= high, got {bounds}")
         return bounds
+
+    @model_validator(mode="after")
+    def _instruction_counts(self) -> AnnotateConfig:
+        if self.min_instructions > self.max_instructions:
+            raise ValueError(
+                f"annotate.min_instructions ({self.min_instructions}) is above "
+                f"max_instructions ({self.max_instructions})"
+            )
+        return self
 
 
 class ExportConfig(Section):

@@ -123,6 +123,11 @@ class RunDir:
     def mark_done(self, stage: str, part: str, counts: dict[str, Any]) -> None:
         write_json(self._marker(stage, part), counts)
 
+    def reopen(self, stage: str, part: str) -> None:
+        """Forget that `part` of `stage` is done (before computing it again), so a crash
+        while its files are rewritten cannot leave new files under an old marker."""
+        self._marker(stage, part).unlink(missing_ok=True)
+
     def done_parts(self, stage: str) -> list[str]:
         return sorted(p.stem for p in self._progress(stage).glob("part-*.json"))
 

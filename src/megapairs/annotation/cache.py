@@ -1,9 +1,13 @@
 """The annotation cache: every model answer of a part, kept so nothing is sent twice.
 
-Answers are keyed by (pair id, step, prompt version, model, seed). They are
-appended to `annotation_cache/<part>/chunk-NNNNN.parquet`, each chunk written
-atomically after `flush_every` new answers, so a killed run loses at most the
-answers not yet flushed; a re-run loads the chunks and resends only the rest.
+Answers are keyed by (pair id, step, prompt version, model, seed, settings), where
+settings is the digest of every output-changing annotate setting (sampling, ranges,
+image size, ...), so a changed config never reuses an answer made under another.
+Requests that failed for good (a 4xx, an empty answer: not transient) are kept too,
+with their reason, so a re-run does not send them again. Entries are appended to
+`annotation_cache/<part>/chunk-NNNNN.parquet`, each chunk written atomically after
+`flush_every` new entries, so a killed run loses at most the entries not yet
+flushed; a re-run loads the chunks and resends only the rest.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from megapairs.annotation.types import Completion, Step
+from megapairs.annotation.types import BackendError, Completion, Step
 from megapairs.runs import RunDir, read_table, write_table
 from megapairs.schemas import ANNOTATION_CACHE_DIR
 
@@ -24,8 +28,11 @@ CACHE_SCHEMA = pa.schema(
         ("prompt_version", pa.string()),
         ("model", pa.string()),  # describe: describer; instruct/repair: describer>instructor
         ("seed", pa.int64()),
-        ("text", pa.string()),
+        ("settings", pa.string()),  # digest of the output-changing annotate settings
+        ("text", pa.string()),  # the answer, or the failed response's body
         ("attempts", pa.int32()),
+        ("error", pa.string()),  # null for an answer; the reason of a final failure
+        ("detail", pa.string()),
     ]
 )
 
@@ -38,6 +45,7 @@ class CacheKey:
     describer_model: str
     instructor_model: str
     seed: int
+    settings: str
 
     def model_for(self, step: Step) -> str:
         if step == "describe":
@@ -46,37 +54,41 @@ class CacheKey:
 
 
 class AnswerCache:
-    """The finished answers of one part, loaded from disk and appended in chunks."""
+    """The finished answers (and final failures) of one part, loaded from disk and
+    appended in chunks."""
 
     def __init__(self, run: RunDir, part: str, key: CacheKey, flush_every: int) -> None:
         self.folder = run.folder(ANNOTATION_CACHE_DIR) / part
         self.key = key
         self.flush_every = flush_every
-        self.answers: dict[tuple[str, str], Completion] = {}
+        self.entries: dict[tuple[str, str], Completion | BackendError] = {}
         self.pending: list[dict[str, object]] = []
-        self.chunks = 0
+        self.next_chunk = 0
         self._load()
 
     def _load(self) -> None:
         for path in sorted(self.folder.glob("chunk-*.parquet")):
-            self.chunks += 1
+            self.next_chunk = max(self.next_chunk, int(path.stem.removeprefix("chunk-")) + 1)
             table = read_table(path)
             mask = pc.and_(
-                pc.equal(table["prompt_version"], self.key.prompt_version),
-                pc.equal(table["seed"], self.key.seed),
+                pc.and_(
+                    pc.equal(table["prompt_version"], self.key.prompt_version),
+                    pc.equal(table["seed"], self.key.seed),
+                ),
+                pc.equal(table["settings"], self.key.settings),
             )
             for row in table.filter(mask).to_pylist():
                 if row["model"] == self.key.model_for(row["step"]):
-                    self.answers[(row["pair_id"], row["step"])] = Completion(
-                        row["text"], row["attempts"]
-                    )
+                    self.entries[(row["pair_id"], row["step"])] = _entry(row)
 
-    def get(self, pair_id: str, step: Step) -> Completion | None:
-        return self.answers.get((pair_id, step))
+    def get(self, pair_id: str, step: Step) -> Completion | BackendError | None:
+        """The answer, or the final failure, of this step; None when not yet asked."""
+        return self.entries.get((pair_id, step))
 
-    def put(self, pair_id: str, step: Step, answer: Completion) -> None:
-        """Remember an answer; write a chunk once `flush_every` are pending."""
-        self.answers[(pair_id, step)] = answer
+    def put(self, pair_id: str, step: Step, entry: Completion | BackendError) -> None:
+        """Remember an answer or a final failure; write a chunk once `flush_every` wait."""
+        self.entries[(pair_id, step)] = entry
+        failed = isinstance(entry, BackendError)
         self.pending.append(
             {
                 "pair_id": pair_id,
@@ -84,18 +96,28 @@ class AnswerCache:
                 "prompt_version": self.key.prompt_version,
                 "model": self.key.model_for(step),
                 "seed": self.key.seed,
-                "text": answer.text,
-                "attempts": answer.attempts,
+                "settings": self.key.settings,
+                "text": entry.raw if isinstance(entry, BackendError) else entry.text,
+                "attempts": entry.attempts,
+                "error": entry.reason if failed else None,
+                "detail": entry.detail if isinstance(entry, BackendError) else None,
             }
         )
         if len(self.pending) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
-        """Write the pending answers as one new chunk (atomically)."""
+        """Write the pending entries as one new chunk (atomically)."""
         if not self.pending:
             return
         table = pa.Table.from_pylist(self.pending, schema=CACHE_SCHEMA)
-        write_table(self.folder / f"chunk-{self.chunks:05d}.parquet", table)
-        self.chunks += 1
+        write_table(self.folder / f"chunk-{self.next_chunk:05d}.parquet", table)
+        self.next_chunk += 1
         self.pending = []
+
+
+def _entry(row: dict[str, object]) -> Completion | BackendError:
+    attempts = int(row["attempts"])  # type: ignore[call-overload]
+    if row["error"] is None:
+        return Completion(str(row["text"]), attempts)
+    return BackendError(str(row["error"]), str(row["detail"]), attempts, str(row["text"] or ""))

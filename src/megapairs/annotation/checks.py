@@ -226,6 +226,10 @@ def _first_json_value(text: str) -> object:
             continue  # inside a value already parsed
         try:
             value, resume = decoder.raw_decode(text, match.start())
+        except RecursionError:  # a looping answer of thousands of nested brackets
+            raise ParseError(
+                "the answer nests brackets too deeply to be the JSON asked for."
+            ) from None
         except json.JSONDecodeError:
             continue
         if (isinstance(value, dict) and "instructions" in value) or _is_string_list(value):

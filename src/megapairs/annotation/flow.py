@@ -11,6 +11,8 @@ pair ends as an annotation row or a failure row, never neither.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -40,6 +42,7 @@ from megapairs.annotation.types import (
 from megapairs.config import AnnotateConfig
 
 REPAIRABLE = frozenset({"unparseable", "too_few_instructions"})
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,19 +99,24 @@ class Annotator:
         request_seed: int,
     ) -> Completion:
         """The cached answer of this step, or the backend's (then cached)."""
-        answer = self.cache.get(pair_id, step)
-        if answer is None:
+        entry = self.cache.get(pair_id, step)
+        if entry is None:
             request = PromptRequest(role, step, messages, context, request_seed)
             try:
-                answer = await self.backend.complete(request)
+                entry = await self.backend.complete(request)
             except BackendError as err:
-                raise PairFailed(
-                    step, err.reason, err.detail, err.raw, err.attempts, err.transient
-                ) from err
-            self.cache.put(pair_id, step, answer)
+                if not err.transient:  # final: a re-run must not send it again
+                    self.cache.put(pair_id, step, err)
+                entry = err
+            else:
+                self.cache.put(pair_id, step, entry)
+        if isinstance(entry, BackendError):
+            raise PairFailed(
+                step, entry.reason, entry.detail, entry.raw, entry.attempts, entry.transient
+            )
         self.counts["answers"] += 1
-        self.counts["http_attempts"] += answer.attempts
-        return answer
+        self.counts["http_attempts"] += entry.attempts
+        return entry
 
     async def images(self, job: PairJob) -> tuple[bytes, bytes]:
         """The two prepared images, or empty bytes for a backend that does not read them."""
@@ -162,7 +170,8 @@ class Annotator:
         )
         description, reason = check_description(answer.text)
         if reason is not None:
-            raise PairFailed("describe", reason, "the describer's answer is unusable", answer.text)
+            detail = "the describer's answer is unusable"
+            raise PairFailed("describe", reason, detail, answer.text, answer.attempts)
         return description
 
     async def instruct(
@@ -179,7 +188,7 @@ class Annotator:
         if check.reason is None:
             return check, False
         if check.reason not in REPAIRABLE:
-            raise PairFailed("instruct", check.reason, check.problem, answer.text)
+            raise PairFailed("instruct", check.reason, check.problem, answer.text, answer.attempts)
         context = replace(context, previous_output=answer.text, problem=check.problem)
         messages = repair_messages(self.prompts, messages, context, *bounds)
         answer = await self.ask(
@@ -187,7 +196,7 @@ class Annotator:
         )
         check = self.check(answer.text, job.target_caption)
         if check.reason is not None:
-            raise PairFailed("repair", check.reason, check.problem, answer.text)
+            raise PairFailed("repair", check.reason, check.problem, answer.text, answer.attempts)
         return check, True
 
     def check(self, raw: str, target_caption: str | None) -> InstructionCheck:
@@ -216,6 +225,19 @@ def failure_row(job: PairJob, failure: PairFailed, provenance: dict[str, Any]) -
     }
 
 
+def internal_failure(err: Exception) -> PairFailed:
+    """A failure row for an unexpected exception: kept, and retried by a re-run (transient)
+    once the cause is fixed; MEGAPAIRS_DEBUG=1 logs the traceback."""
+    logger.warning(
+        "annotating a pair raised %s: %s",
+        type(err).__name__,
+        err,
+        exc_info=bool(os.environ.get("MEGAPAIRS_DEBUG")),
+    )
+    detail = f"{type(err).__name__}: {err}"[:2000]
+    return PairFailed("annotate", "internal_error", detail, transient=True)
+
+
 @dataclass
 class Outcomes:
     """Annotation rows and failure rows, by position of the pair in its part."""
@@ -242,6 +264,9 @@ async def annotate_all(
             try:
                 outcomes.annotated[position] = await annotator.annotate(job)
             except PairFailed as failure:
+                outcomes.failed[position] = failure_row(job, failure, annotator.provenance())
+            except Exception as err:  # a bug or an unforeseen answer: record it, go on
+                failure = internal_failure(err)
                 outcomes.failed[position] = failure_row(job, failure, annotator.provenance())
             on_done()
 

@@ -87,6 +87,12 @@ class AnnotateStage:
 
         if self._prompts is None:
             self._prompts = load_prompts(self.config.annotate.prompts or None)
+            pool, drawn = len(self._prompts.demonstrations), self.config.annotate.num_demonstrations
+            if drawn > pool:
+                raise ValueError(
+                    f"annotate.num_demonstrations is {drawn}, but the prompts "
+                    f"{self._prompts.version} hold only {pool} demonstrations"
+                )
         if self._backend is None:
             backend = build_backend(self.config.annotate)
             backend.check_ready()
@@ -128,6 +134,7 @@ class AnnotateStage:
             self._backend.model_name("describer"),
             self._backend.model_name("instructor"),
             self.config.seed,
+            self.config.section_hash(*OUTPUT_SETTINGS),
         )
 
     @staticmethod

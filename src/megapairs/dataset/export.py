@@ -146,8 +146,8 @@ class ExportStage:
         return run.done_parts(ANNOTATE_STAGE)
 
     def stale_parts(self, run: RunDir) -> list[str]:
-        """Finished parts to export again: their shard is gone, or the annotate stage has
-        re-run them since (e.g. retried transient failures), so its row counts changed."""
+        """Finished parts to export again: their shard is gone, or the part's annotations
+        changed since (the annotate stage retried failures, or ran again with other models)."""
         recorded = run.part_counts(STAGE_NAME)
         return [p for p in self.plan(run) if p in recorded and self._stale(run, p, recorded[p])]
 
@@ -155,9 +155,7 @@ class ExportStage:
         suffixes = [".parquet", ".jsonl"] if self.config.export.jsonl else [".parquet"]
         if not all(run.part_path(DATASET_DIR, part, s).exists() for s in suffixes):
             return True
-        annotated = _rows(run.part_path(ANNOTATIONS_DIR, part))
-        failed = _rows(run.part_path(ANNOTATION_FAILURES_DIR, part))
-        return (counts.get("rows"), counts.get("failed")) != (annotated, failed)
+        return counts.get("annotations_sha256") != annotations_digest(run, part)
 
     def prepare(self, run: RunDir) -> None:
         """Read the whole corpus index once: pairs reference records of any part."""
@@ -186,9 +184,19 @@ class ExportStage:
             "pairs": table.num_rows + failed,
             "failed": failed,
             "images_referenced": records.num_rows,
+            "annotations_sha256": annotations_digest(run, part),
         }
         write_dataset_info(run, self.config, {part: counts})
         return counts
+
+
+def annotations_digest(run: RunDir, part: str) -> str:
+    """A digest of the part's annotation and failure files, as exported."""
+    digest = hashlib.sha256()
+    for folder in (ANNOTATIONS_DIR, ANNOTATION_FAILURES_DIR):
+        path = run.part_path(folder, part)
+        digest.update(path.read_bytes() if path.exists() else b"")
+    return digest.hexdigest()[:16]
 
 
 def dataset_folder(run: RunDir) -> Path:
@@ -348,6 +356,20 @@ def write_jsonl(path: Path, table: pa.Table) -> None:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+# Settings that say where servers are and how to reach them: not shipped with a dataset.
+TRANSPORT_SETTINGS = {"base_url", "api_key_env", "extra_body", "timeout", "device"}
+
+
+def shareable_config(config: PipelineConfig) -> dict[str, Any]:
+    """The config sections that made the dataset, without server addresses or key names."""
+    data = config.model_dump(mode="json", include={"seed", "mine", "annotate", "export"})
+    for role in ("describer", "instructor"):
+        endpoint = data["annotate"][role]
+        for name in TRANSPORT_SETTINGS:
+            endpoint.pop(name, None)
+    return data
+
+
 def write_dataset_info(
     run: RunDir, config: PipelineConfig, just_written: dict[str, dict[str, int]] | None = None
 ) -> dict[str, Any]:
@@ -373,7 +395,7 @@ def write_dataset_info(
         "pending_parts": pending,
         "counts": dict(totals),
         "parts": parts,
-        "config": config.model_dump(mode="json", include={"seed", "mine", "annotate", "export"}),
+        "config": shareable_config(config),
         "config_hash": config.section_hash("channels", "mine", "annotate", "export"),
         "versions": environment_versions(),
         "updated_at": now_iso(),

@@ -107,16 +107,19 @@ ENCODERS: Registry[Encoder] = Registry("encoder")
 `builder(model: str, options: dict, device: torch.device, dtype: torch.dtype)`."""
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else as torch spells it."""
+def resolve_device(device: str, setting: str = "embed.device") -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else as torch spells it.
+
+    `setting` names where the value came from, in the ValueError raised for a device
+    torch does not know or a cuda device this machine lacks."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"embed.device {device!r} is not a torch device: {err}") from None
+        raise ValueError(f"{setting} {device!r} is not a torch device: {err}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"embed.device is {device!r} but this torch sees no CUDA device")
+        raise ValueError(f"{setting} is {device!r} but this torch sees no CUDA device")
     return resolved
 
 

@@ -32,30 +32,41 @@ CLIP-L/14, as in the paper).
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from megapairs.encoders.base import resolve_dtype
 from megapairs.encoders.hf import text_max_length
 from megapairs.models.base import RETRIEVERS
+from megapairs.models.common import (
+    CheckpointKind,
+    PathLike,
+    encode_in_batches,
+    resolve_placement,
+    user_items,
+)
 from megapairs.models.inputs import (
     ImageInput,
     ImagesInput,
     TextsInput,
     as_image_list,
     as_text_list,
-    check_batch_lengths,
     load_images,
 )
 
-Item = TypeVar("Item")
-PathLike = str | os.PathLike[str]
+CLIP_CHECKPOINT = CheckpointKind(
+    label="CLIP",
+    model_type="clip",
+    model_class="CLIPModel",
+    parts="both towers and projections",
+    folder_contents=(
+        "a CLIP config, weights, image processor and tokenizer "
+        "(as MMRetCLIP.save_pretrained writes them)"
+    ),
+)
 
 
 class MMRetCLIP(torch.nn.Module):
@@ -100,17 +111,11 @@ class MMRetCLIP(torch.nn.Module):
         the model reads. Raises OSError naming the checkpoint when it cannot be
         loaded, ValueError when it is not a complete CLIP checkpoint."""
         source = os.fspath(name_or_path)
-        torch_device = _resolve_device(device)
-        torch_dtype = (
-            dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device)
-        )
-        try:
-            _check_clip_config(source)
-            clip = _load_clip_model(source)
+        torch_device, torch_dtype = resolve_placement(device, dtype)
+        with CLIP_CHECKPOINT.loading(source):
+            clip = CLIP_CHECKPOINT.load_model(source)
             image_processor = load_clip_image_processor(source)
             tokenizer = _load_tokenizer(source)
-        except OSError as err:
-            raise OSError(_load_failure(source, err)) from err
         clip = clip.to(device=torch_device, dtype=torch_dtype).eval()
         return cls(
             clip, image_processor, tokenizer, name or f"mmret-clip:{source}", max_text_length
@@ -230,23 +235,9 @@ class MMRetCLIP(torch.nn.Module):
         Runs without gradients in eval mode (the previous mode is restored), in
         batches on the model's device, opening image files one batch at a time.
         Returns a float32 (N, d) CPU tensor with unit rows."""
-        if images is None and text is None:
-            raise ValueError("nothing to encode: give images, text, or both")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        image_list = None if images is None else as_image_list(images)
-        text_list = None if text is None else as_text_list(text)
-        check_batch_lengths(image_list, text_list)
-        count = len(image_list) if image_list is not None else len(text_list or [])
-        with _eval_mode(self), torch.inference_mode():
-            rows = [
-                self._encode_batch(
-                    _slice(image_list, start, start + batch_size),
-                    _slice(text_list, start, start + batch_size),
-                )
-                for start in range(0, count, batch_size)
-            ]
-        return torch.cat(rows) if rows else torch.zeros(0, self.dim)
+        image_list, text_list, count = user_items(images, text)
+        columns = (image_list, text_list)
+        return encode_in_batches(self, self._encode_batch, columns, count, batch_size, self.dim)
 
     def encode_queries(
         self,
@@ -304,62 +295,13 @@ def load_clip_image_processor(source: PathLike) -> Any:
     return (processor_class or transformers.CLIPImageProcessor).from_pretrained(source)
 
 
-def _check_clip_config(source: str) -> None:
-    from transformers import PretrainedConfig
-
-    config, _ = PretrainedConfig.get_config_dict(source)
-    model_type = config.get("model_type")
-    if model_type != "clip":
-        found = f"model_type {model_type!r}" if config else "no config.json"
-        raise ValueError(f"{source!r} is not a CLIP checkpoint ({found}; expected 'clip')")
-
-
-def _load_clip_model(source: str) -> Any:
-    from transformers import CLIPModel
-
-    loaded: Any = CLIPModel.from_pretrained(source, output_loading_info=True)
-    model, info = loaded
-    missing = list(info.get("missing_keys") or [])
-    if missing:
-        shown = ", ".join(sorted(missing)[:5])
-        raise ValueError(
-            f"{source!r} lacks {len(missing)} CLIP weight(s) ({shown}, ...): "
-            "a complete CLIP checkpoint (both towers and projections) is needed"
-        )
-    return model
-
-
 def _load_tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source)
 
 
-def _load_failure(source: str, err: Exception) -> str:
-    """Why `source` did not load, and what to do about it."""
-    reason = str(err).strip().rstrip(".")
-    if Path(source).exists():
-        return (
-            f"cannot load a CLIP checkpoint from the local folder {source!r}: {reason}. "
-            "It must hold a CLIP config, weights, image processor and tokenizer "
-            "(as MMRetCLIP.save_pretrained writes them)."
-        )
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false")
-    hub = "HF_HUB_OFFLINE switches the hub off here" if offline else "is the hub reachable?"
-    return (
-        f"cannot load a CLIP checkpoint from {source!r}: no local folder of that name "
-        f"exists, and as a hub name it needs network access ({hub}): {reason}. "
-        "Offline, pass a local folder saved with save_pretrained."
-    )
-
-
 # small helpers ----------------------------------------------------------------
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -371,10 +313,6 @@ def _unit_rows(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float(), dim=-1)
 
 
-def _slice(items: list[Item] | None, start: int, stop: int) -> list[Item] | None:
-    return None if items is None else items[start:stop]
-
-
 def _with_instruction(
     instruction: str, images: ImagesInput | None, texts: TextsInput | None
 ) -> list[str]:
@@ -383,14 +321,3 @@ def _with_instruction(
     if images is None:
         raise ValueError("nothing to encode: give images, texts, or both")
     return [instruction] * len(as_image_list(images))
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for a block, then the module's previous mode again."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)

@@ -49,33 +49,35 @@ pick wherever torchvision is installed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from megapairs.encoders.base import resolve_dtype
 from megapairs.models.base import RETRIEVERS
+from megapairs.models.common import (
+    CheckpointKind,
+    PathLike,
+    encode_in_batches,
+    resolve_placement,
+    user_items,
+)
 from megapairs.models.inputs import (
     ImageInput,
     ImagesInput,
     TextsInput,
-    as_image_list,
     as_text_list,
     check_batch_lengths,
     load_images,
 )
 
-Item = TypeVar("Item")
-PathLike = str | os.PathLike[str]
 Instructions = str | Sequence[str]
 
 DEFAULT_IMAGE_SIZE = 512
@@ -91,6 +93,17 @@ LANGUAGE_LORA_MODULES = (
     "gate_proj",
     "up_proj",
     "down_proj",
+)
+LLAVA_NEXT_CHECKPOINT = CheckpointKind(
+    label="LLaVA-NeXT",
+    model_type="llava_next",
+    model_class="LlavaNextForConditionalGeneration",
+    parts="vision tower, projector, language model",
+    folder_contents=(
+        "a LLaVA-NeXT config, weights and processor (a checkpoint such as "
+        "llava-hf/llava-v1.6-mistral-7b-hf saved locally), or a LoRA adapter folder "
+        "written by MMRetMLLM.save_pretrained"
+    ),
 )
 
 
@@ -228,19 +241,13 @@ class MMRetMLLM(torch.nn.Module):
         Raises OSError naming the checkpoint when it cannot be loaded, ValueError when it
         is not a LLaVA-NeXT checkpoint."""
         source = _local_or_hub(name_or_path)
-        torch_device = _resolve_device(device)
-        torch_dtype = (
-            dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch_device)
-        )
+        torch_device, torch_dtype = resolve_placement(device, dtype)
         settings = _read_settings(source)
         adapter = _adapter_config(source)
         base = _local_or_hub(base_model) if base_model else _adapter_base(adapter, source)
-        try:
-            _check_llava_next_config(base)
-            llava = _load_llava_next(base, torch_dtype)
+        with LLAVA_NEXT_CHECKPOINT.loading(base):
+            llava = LLAVA_NEXT_CHECKPOINT.load_model(base, dtype=torch_dtype)
             processor = _load_processor(source, fallback=base)
-        except OSError as err:
-            raise OSError(_load_failure(base, err)) from err
         llava = llava.to(torch_device)
         model = _with_lora(llava, lora, source if adapter else None)
         return cls(
@@ -406,25 +413,10 @@ class MMRetMLLM(torch.nn.Module):
         in eval mode (the previous mode is restored), in batches on the model's device,
         opening image files one batch at a time. Returns a float32 (N, d) CPU tensor
         with unit rows."""
-        if images is None and text is None:
-            raise ValueError("nothing to encode: give images, text, or both")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        image_list = None if images is None else as_image_list(images)
-        text_list = None if text is None else as_text_list(text)
-        check_batch_lengths(image_list, text_list)
-        count = len(image_list) if image_list is not None else len(text_list or [])
+        image_list, text_list, count = user_items(images, text)
         tasks = None if instruction is None else _instruction_list(instruction, count)
-        with _eval_mode(self), torch.inference_mode():
-            rows = [
-                self._encode_batch(
-                    _slice(image_list, start, start + batch_size),
-                    _slice(text_list, start, start + batch_size),
-                    _slice(tasks, start, start + batch_size),
-                )
-                for start in range(0, count, batch_size)
-            ]
-        return torch.cat(rows) if rows else torch.zeros(0, self.dim)
+        columns = (image_list, text_list, tasks)
+        return encode_in_batches(self, self._encode_batch, columns, count, batch_size, self.dim)
 
     def encode_queries(
         self,
@@ -539,35 +531,6 @@ def _adapter_base(adapter: Any | None, source: str) -> str:
     return str(base)
 
 
-def _check_llava_next_config(source: str) -> None:
-    from transformers import PretrainedConfig
-
-    config, _ = PretrainedConfig.get_config_dict(source)
-    model_type = config.get("model_type")
-    if model_type != "llava_next":
-        found = f"model_type {model_type!r}" if config else "no config.json"
-        raise ValueError(
-            f"{source!r} is not a LLaVA-NeXT checkpoint ({found}; expected 'llava_next')"
-        )
-
-
-def _load_llava_next(source: str, dtype: torch.dtype) -> Any:
-    from transformers import LlavaNextForConditionalGeneration
-
-    loaded: Any = LlavaNextForConditionalGeneration.from_pretrained(
-        source, dtype=dtype, output_loading_info=True
-    )
-    model, info = loaded
-    missing = list(info.get("missing_keys") or [])
-    if missing:
-        shown = ", ".join(sorted(missing)[:5])
-        raise ValueError(
-            f"{source!r} lacks {len(missing)} LLaVA-NeXT weight(s) ({shown}, ...): "
-            "a complete checkpoint (vision tower, projector, language model) is needed"
-        )
-    return model
-
-
 def _load_processor(source: str, fallback: str) -> Any:
     """The processor saved in `source`, else `fallback`'s, with the PIL image processor
     and left padding."""
@@ -596,32 +559,7 @@ def _pil_processor(source: str) -> Any:
     return processor
 
 
-def _load_failure(source: str, err: Exception) -> str:
-    """Why `source` did not load, and what to do about it."""
-    reason = str(err).strip().rstrip(".")
-    if Path(source).exists():
-        return (
-            f"cannot load a LLaVA-NeXT checkpoint from the local folder {source!r}: {reason}. "
-            "It must hold a LLaVA-NeXT config, weights and processor (a checkpoint such as "
-            "llava-hf/llava-v1.6-mistral-7b-hf saved locally), or a LoRA adapter folder "
-            "written by MMRetMLLM.save_pretrained."
-        )
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false")
-    hub = "HF_HUB_OFFLINE switches the hub off here" if offline else "is the hub reachable?"
-    return (
-        f"cannot load a LLaVA-NeXT checkpoint from {source!r}: no local folder of that name "
-        f"exists, and as a hub name it needs network access ({hub}): {reason}. "
-        "Offline, pass a local folder."
-    )
-
-
 # small helpers ----------------------------------------------------------------
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _eos_token(tokenizer: Any) -> str:
@@ -652,18 +590,3 @@ def _instruction_list(instruction: Instructions, count: int) -> list[str]:
 
 def _text_at(texts: list[str] | None, index: int) -> str | None:
     return None if texts is None else texts[index]
-
-
-def _slice(items: list[Item] | None, start: int, stop: int) -> list[Item] | None:
-    return None if items is None else items[start:stop]
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for a block, then the module's previous mode again."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)

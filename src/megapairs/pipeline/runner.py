@@ -94,6 +94,8 @@ class LocalRunner:
             stage.prepare(self.run)
         bar = tqdm(todo, desc=stage.name, unit="part", disable=not self.progress or not todo)
         for part in bar:
+            if part in stale:
+                self.run.reopen(stage.name, part)
             counts = stage.run_part(self.run, part)
             self.run.mark_done(stage.name, part, counts)
         per_part = {k: v for k, v in self.run.part_counts(stage.name).items() if k in set(parts)}

@@ -137,11 +137,8 @@ class LocalModel:
 
         if not endpoint.model:
             raise ValueError(f"annotate.{role}.model is empty: give a hub name or a folder")
-        try:
-            device = resolve_device(endpoint.device)
-            dtype = resolve_dtype(endpoint.dtype, device)
-        except ValueError as err:
-            raise ValueError(f"annotate.{role}: {err}") from None
+        device = resolve_device(endpoint.device, setting=f"annotate.{role}.device")
+        dtype = resolve_dtype(endpoint.dtype, device)  # the config allows known dtypes only
         return cls(role, endpoint, vision, device, dtype)
 
     @property

@@ -204,6 +204,10 @@ class OpenAIBackend:
                 reason = _redact(f"{type(exc).__name__}: {exc}", key)
                 detail = f"could not talk to {where} ({reason}); is the server up?"
                 raise _AttemptFailed(BackendError("connection_error", detail)) from exc
+            except httpx.HTTPError as exc:  # e.g. a body that does not decode (bad gzip)
+                reason = _redact(f"{type(exc).__name__}: {exc}", key)
+                detail = f"{where} sent a response that could not be read ({reason})"
+                raise _AttemptFailed(BackendError("malformed_response", detail)) from exc
         return read_answer(response, where, key)
 
 
@@ -214,7 +218,7 @@ def check_endpoint(role: Role, endpoint: EndpointConfig) -> None:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         response = httpx.get(url, headers=headers, timeout=min(endpoint.timeout, 10.0))
-    except httpx.HTTPError as err:
+    except (httpx.HTTPError, httpx.InvalidURL) as err:
         raise RuntimeError(
             f"annotate.{role}: cannot reach {safe_url(url)} ({type(err).__name__}); start the "
             "server (see the README's recipe) or use annotate.backend=template"
@@ -278,6 +282,12 @@ def read_answer(response: httpx.Response, where: str, key: str = "") -> str:
         detail = f"{where} refused the request with HTTP {status}: {excerpt}; {hint}"
         raise _AttemptFailed(BackendError("client_error", detail, raw=raw[:RAW_LIMIT]))
     content, problem = _content(response)
+    if content is None and _finish_reason(response) == "length":
+        detail = (
+            f"{where} stopped at max_tokens before any answer text (finish_reason length, e.g. "
+            "a reasoning model still thinking); raise the endpoint's max_tokens"
+        )
+        raise _AttemptFailed(BackendError("truncated", detail, raw=raw[:RAW_LIMIT]))
     if content is None:
         detail = f"{where} answered HTTP 200 with {problem}: {excerpt}"
         raise _AttemptFailed(BackendError("malformed_response", detail, raw=raw[:RAW_LIMIT]))
@@ -300,6 +310,14 @@ def _content(response: httpx.Response) -> tuple[str | None, str]:
     if not isinstance(content, str):
         return None, f"a content of type {type(content).__name__}, not a string"
     return content, ""
+
+
+def _finish_reason(response: httpx.Response) -> str | None:
+    try:
+        reason = response.json()["choices"][0].get("finish_reason")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return reason if isinstance(reason, str) else None
 
 
 def parse_retry_after(value: str | None) -> float | None:

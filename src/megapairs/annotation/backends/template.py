@@ -20,7 +20,6 @@ STOP_WORDS = frozenset({"a", "an", "the", "of", "on", "in", "at", "with", "and",
 STOP_WORDS |= {"for", "by", "from", "is", "are", "its", "it", "this", "that"}
 
 
-TEMPLATE_INSTRUCTIONS = 5
 GENERIC_INSTRUCTIONS = (
     "find another picture closely related to this one",
     "show me a different image that shares this one's main subject",
@@ -59,8 +58,8 @@ def describe_pair(context: PairContext) -> str:
 
 
 def instruct_pair(context: PairContext) -> list[str]:
-    """Search requests from the caption differences, topped up with generic ones to
-    `TEMPLATE_INSTRUCTIONS` (all generic when captions are missing)."""
+    """Search requests from the caption differences, then generic ones, which the checks
+    keep when specific ones are refused (e.g. restating the target caption) or missing."""
     query, target = content_words(context.query_caption), content_words(context.target_caption)
     shared = " ".join(w for w in query if w in target)
     added = " ".join(w for w in target if w not in query)
@@ -73,8 +72,7 @@ def instruct_pair(context: PairContext) -> list[str]:
         specific.append(f"keep the {shared} but change it to {added}")
     if removed and added:
         specific.append(f"replace the {removed} with {added}")
-    missing = max(TEMPLATE_INSTRUCTIONS - len(specific), 0)
-    return specific + list(GENERIC_INSTRUCTIONS[:missing])
+    return specific + list(GENERIC_INSTRUCTIONS)
 
 
 class TemplateBackend:

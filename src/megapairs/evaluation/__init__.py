@@ -1,0 +1,1 @@
+"""Evaluation: CIRCO, CIRR, FashionIQ, GeneCIS and MMEB with the benchmarks' own metrics."""

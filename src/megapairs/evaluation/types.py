@@ -1,0 +1,68 @@
+"""What a benchmark loader produces and the evaluator consumes.
+
+A benchmark becomes one or more `EvalTask`s (CIRCO: one; FashionIQ: one per
+category; GeneCIS: one per subtask; MMEB: one per dataset). A task either has
+a shared `gallery` that every query is ranked against (CIRCO, CIRR, FashionIQ),
+or each query carries its own `candidates` (GeneCIS, MMEB), where the correct
+candidate is listed first by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image file, optionally cropped to a box (x, y, width, height) in pixels."""
+
+    path: Path
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One item to rank: an image, a text, or both (MMEB candidates may be either)."""
+
+    id: str
+    image: ImageRef | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalQuery:
+    """One query: a reference image and/or a text, with an optional task instruction.
+
+    `targets` are the ids that count as hits (CIRCO: all ground truths, the target
+    first; others: one id). `exclude` ids are removed from this query's ranking
+    (CIRR removes the reference image). `subset` restricts a second ranking (CIRR's
+    `img_set.members`). `meta` keeps benchmark-specific fields (CIRCO's
+    `semantic_aspects`)."""
+
+    id: str
+    image: ImageRef | None
+    text: str | None
+    targets: tuple[str, ...] = ()
+    instruction: str | None = None
+    candidates: tuple[Candidate, ...] = ()
+    exclude: tuple[str, ...] = ()
+    subset: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """Queries and what they are ranked against."""
+
+    benchmark: str  # circo | cirr | fashioniq | genecis | mmeb
+    name: str  # e.g. "circo/val", "fashioniq/dress/val", "genecis/focus_object"
+    split: str
+    queries: tuple[EvalQuery, ...]
+    gallery: tuple[Candidate, ...] = ()  # empty when queries carry their own candidates
+    settings: dict[str, Any] = field(default_factory=dict)  # templates etc., for the results
+
+
+class BenchmarkDataError(ValueError):
+    """A data root or annotation file that cannot be evaluated; names the file and entry."""
