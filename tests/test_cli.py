@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,52 @@ def test_validate_and_stats_commands_report_and_set_the_exit_code(tmp_path, caps
     next(dataset.rglob("*.png")).unlink()  # a referenced image goes missing
     assert main(["validate", str(dataset)]) == 1
     assert "missing_image" in capsys.readouterr().out
+
+
+def test_train_command_trains_and_resumes_from_its_output_folder(tmp_path, capsys, tiny_clip):
+    from run_fixtures import build_run, fixture_config
+
+    from megapairs.dataset.export import ExportStage
+    from megapairs.pipeline.runner import LocalRunner
+
+    fixture = build_run(tmp_path)
+    runner = LocalRunner(fixture.run, fixture_config(), progress=False)
+    runner.start()
+    runner.run_stage(ExportStage(fixture_config()))
+    config = Path(__file__).resolve().parents[1] / "configs" / "train_demo.yaml"
+    settings = [
+        f"model.name_or_path={tiny_clip.path}",
+        f"data.paths=[{fixture.run.root / 'dataset'}]",
+        f"output_dir={tmp_path / 'train'}",
+        "batch_size=4",
+        "chunk_size=2",
+        "data.num_negatives=2",
+        "num_workers=0",
+        "save_every=2",
+    ]
+    args = ["train", "--config", str(config), "--quiet"]
+    args += [item for pair in (("--set", s) for s in settings) for item in pair]
+    assert main([*args, "--set", "steps=2"]) == 0
+    assert "2 steps" in capsys.readouterr().out
+    assert main([*args, "--set", "steps=2"]) == 0  # finished: nothing left to do
+    assert (tmp_path / "train" / "final").is_dir()
+
+
+def test_eval_command_writes_results_and_reuses_the_gallery_cache(tmp_path, capsys, tiny_clip):
+    from eval_fixtures import write_circo_root
+
+    root = write_circo_root(tmp_path / "circo")
+    args = ["eval", "--benchmark", "circo", "--kind", "clip", "--model", str(tiny_clip.path)]
+    args += ["--data-root", str(root), "--output", str(tmp_path / "out"), "--quiet"]
+    args += ["--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "MMRet-Base" in out and "CIRCO" in out  # the paper's rows beside ours
+    results = json.loads((tmp_path / "out" / "circo-val.json").read_text())
+    assert 0.0 <= results["metrics"]["mAP@5"] <= 1.0
+    assert main(args) == 0
+    again = json.loads((tmp_path / "out" / "circo-val.json").read_text())
+    assert again["metrics"] == results["metrics"]
+    missing = ["--data-root", str(tmp_path / "nowhere")]
+    assert main([*args[:-7], *missing, "--quiet"]) == 2
+    assert "error" in capsys.readouterr().err

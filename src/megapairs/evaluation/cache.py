@@ -1,0 +1,427 @@
+"""Gallery embeddings: encoded in batches once per (retriever, checkpoint, gallery), kept on disk.
+
+An entry is keyed by the retriever's class, the model key (`checkpoint_key`: a local
+folder's path plus a digest of its files, or a hub name as given; callers append loading
+options that change the numbers, such as the dtype), the benchmark, split and task, and a
+digest of the gallery's ids, image paths, crop boxes and texts. Change any of them and
+the entry is a different one, computed afresh.
+
+Layout under the cache root (every file written atomically, `meta.json` last, so an
+entry is complete exactly when its `meta.json` exists):
+
+    <root>/<benchmark>/<split>/<task>-<key digest>/
+        meta.json                       the key's parts, rows, dim, dates
+        embeddings.npy                  float32 (N, d), unit rows, gallery order
+        ids.json                        the gallery ids, same order
+        partial-<rows>/chunk-00003.npy  rows [3 * rows, 4 * rows) of an unfinished entry
+
+Chunks are written as they finish, so an encoding killed halfway resumes from the
+chunks it completed; they are deleted once the entry is assembled.
+
+Images are decoded with `megapairs.models.inputs.load_image` (crop boxes applied, then
+padded to a square as GeneCIS does) in a thread pool, one batch ahead of the encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from megapairs.evaluation.types import Candidate, EvalTask, ImageRef
+from megapairs.models.base import Retriever
+from megapairs.models.inputs import ImageLoadError, load_image
+from megapairs.runs import write_array, write_json
+
+CACHE_FORMAT = 1
+CHUNK_ROWS = 4096
+SMALL_FILE_BYTES = 1 << 20  # checkpoint files up to this size are hashed by content
+DECODE_WORKERS = min(4, os.cpu_count() or 1)
+META_FILE = "meta.json"
+VECTORS_FILE = "embeddings.npy"
+IDS_FILE = "ids.json"
+
+Encode = Callable[[list[Image.Image] | None, list[str] | None], torch.Tensor]
+"""An encoder of one batch: (images or None, texts or None) -> (B, d) tensor."""
+
+
+class Item(Protocol):
+    """Anything with an optional image and an optional text (a Candidate or an EvalQuery)."""
+
+    @property
+    def image(self) -> ImageRef | None: ...
+
+    @property
+    def text(self) -> str | None: ...
+
+
+# checkpoint identity ----------------------------------------------------------
+
+
+def checkpoint_key(model: str | os.PathLike[str]) -> str:
+    """The identity of a checkpoint: a hub name as given; for a local file or folder its
+    absolute path plus a digest of its (top-level, non-hidden) files: the bytes of files up
+    to 1 MiB (configs, tokenizers), size and mtime of larger ones (weights)."""
+    path = Path(model)
+    if not path.exists():
+        return os.fspath(model)
+    files = [path] if path.is_file() else sorted(_checkpoint_files(path))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0{_file_fingerprint(file)}\n".encode())
+    return f"{path.resolve()}@{digest.hexdigest()[:16]}"
+
+
+def _checkpoint_files(folder: Path) -> Iterator[Path]:
+    for entry in folder.iterdir():
+        if entry.is_file() and not entry.name.startswith("."):
+            yield entry
+
+
+def _file_fingerprint(file: Path) -> str:
+    stat = file.stat()
+    if stat.st_size <= SMALL_FILE_BYTES:
+        return hashlib.sha256(file.read_bytes()).hexdigest()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def retriever_class(retriever: Retriever) -> str:
+    """The retriever's class path: with the checkpoint it decides the embeddings (kinds
+    `clip` and `mmret-clip` share a class, so they share cache entries), while its `name`
+    also spells the model path as typed, which the checkpoint key already covers."""
+    kind = type(retriever)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+# encoding ---------------------------------------------------------------------
+
+
+def load_ref_image(ref: ImageRef, square: bool = True) -> Image.Image:
+    """The upright RGB image of `ref`, cropped to its box (clipped to the image).
+
+    With `square` a crop is then padded to a square with black, centred, as GeneCIS'
+    reference code does (`PAD_CROP`, `expand2square`; boxes come only from GeneCIS)."""
+    image = load_image(ref.path)
+    if ref.box is None:
+        return image
+    x, y, width, height = ref.box
+    left, top = max(0, round(x)), max(0, round(y))
+    right, bottom = min(image.width, round(x + width)), min(image.height, round(y + height))
+    if right <= left or bottom <= top:
+        raise ImageLoadError(
+            f"crop box {ref.box} lies outside image {str(ref.path)!r} "
+            f"({image.width}x{image.height})"
+        )
+    crop = image.crop((left, top, right, bottom))
+    return expand_to_square(crop) if square else crop
+
+
+def expand_to_square(image: Image.Image) -> Image.Image:
+    """`image` centred on a black square whose side is its longer side."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), (0, 0, 0))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def encode_items(
+    items: Sequence[Item],
+    encode: Encode,
+    batch_size: int,
+    *,
+    workers: int = DECODE_WORKERS,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Embed `items` (float32, one row per item, input order) with `encode`.
+
+    Items are grouped by what they hold (image + text, image, text) and each group is
+    encoded in batches of `batch_size`; images are decoded in a thread pool one batch
+    ahead. `on_batch(rows)` is called after each batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    groups = _modality_groups(items)
+    output: np.ndarray | None = None
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode") as pool:
+        for positions in groups:
+            batches = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
+            for batch, images in zip(batches, _prefetch(items, batches, pool), strict=True):
+                texts = [items[p].text or "" for p in batch] if items[batch[0]].text else None
+                rows = encode(images, texts).detach().float().cpu().numpy()
+                if rows.ndim != 2 or len(rows) != len(batch):
+                    raise ValueError(f"the encoder gave shape {rows.shape} for {len(batch)} items")
+                if output is None:
+                    output = np.empty((len(items), rows.shape[1]), np.float32)
+                output[batch] = rows
+                if on_batch is not None:
+                    on_batch(len(batch))
+    return output if output is not None else np.zeros((0, 0), np.float32)
+
+
+def _modality_groups(items: Sequence[Item]) -> list[list[int]]:
+    """Positions of items by kind (image + text, image only, text only), input order kept."""
+    groups: dict[tuple[bool, bool], list[int]] = {}
+    for position, item in enumerate(items):
+        kind = (item.image is not None, bool(item.text))
+        if kind == (False, False):
+            raise ValueError(f"item {position} ({_describe(item)}) has neither image nor text")
+        groups.setdefault(kind, []).append(position)
+    return list(groups.values())
+
+
+def _prefetch(
+    items: Sequence[Item], batches: list[list[int]], pool: ThreadPoolExecutor
+) -> Iterator[list[Image.Image] | None]:
+    """Decoded images of each batch (None for text-only batches), the next one in flight."""
+
+    def submit(batch: list[int]) -> list[Future[Image.Image]] | None:
+        refs = [items[p].image for p in batch]
+        if refs[0] is None:
+            return None
+        return [pool.submit(load_ref_image, ref) for ref in refs if ref is not None]
+
+    pending = submit(batches[0]) if batches else None
+    for number in range(len(batches)):
+        current = pending
+        pending = submit(batches[number + 1]) if number + 1 < len(batches) else None
+        try:
+            yield None if current is None else [future.result() for future in current]
+        except BaseException:
+            for future in (current or []) + (pending or []):
+                future.cancel()
+            raise
+
+
+def _describe(item: Item) -> str:
+    name = getattr(item, "id", None)
+    return f"id {name!r}" if name is not None else type(item).__name__
+
+
+# the cache --------------------------------------------------------------------
+
+
+def gallery_digest(items: Sequence[Candidate]) -> str:
+    """A digest of the gallery's ids, image paths, crop boxes and texts, in order."""
+    digest = hashlib.sha256()
+    for item in items:
+        image = item.image
+        path = "" if image is None else os.fspath(image.path)
+        box = "" if image is None or image.box is None else ",".join(map(repr, image.box))
+        digest.update(f"{item.id}\t{path}\t{box}\t{item.text or ''}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheEvent:
+    """What one lookup did: `hit` (all rows read), `computed` or `resumed` (some chunks
+    reused), with the rows encoded now and the seconds it took."""
+
+    name: str
+    status: str
+    rows: int
+    encoded_rows: int
+    seconds: float
+    path: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "rows": self.rows,
+            "encoded_rows": self.encoded_rows,
+            "seconds": round(self.seconds, 3),
+            "path": self.path,
+        }
+
+
+@dataclass
+class GalleryCache:
+    """Gallery embeddings on disk under `root`; `events` records every lookup."""
+
+    root: Path
+    chunk_rows: int = CHUNK_ROWS
+    workers: int = DECODE_WORKERS
+    events: list[CacheEvent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be at least 1, got {self.chunk_rows}")
+
+    def embeddings(
+        self,
+        task: EvalTask,
+        retriever: Retriever,
+        model_key: str,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> tuple[list[str], np.ndarray]:
+        """The ids and float32 embeddings (unit rows) of `task.gallery`."""
+        if not task.gallery:
+            raise ValueError(f"task {task.name!r} has no gallery to embed")
+        return self.embed_items(
+            task.gallery,
+            name=task.name,
+            benchmark=task.benchmark,
+            split=task.split,
+            retriever=retriever,
+            model_key=model_key,
+            batch_size=batch_size,
+            progress=progress,
+        )
+
+    def embed_items(
+        self,
+        items: Sequence[Candidate],
+        *,
+        name: str,
+        benchmark: str,
+        split: str,
+        retriever: Retriever,
+        model_key: str,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> tuple[list[str], np.ndarray]:
+        """The ids and embeddings of any candidate list (a gallery, or the distinct
+        candidates of per-query tasks), from the cache or encoded and stored."""
+        started = time.perf_counter()
+        key = {
+            "format": CACHE_FORMAT,
+            "retriever": retriever_class(retriever),
+            "model": model_key,
+            "benchmark": benchmark,
+            "split": split,
+            "task": name,
+            "gallery": gallery_digest(items),
+        }
+        folder = self.entry_folder(key)
+        ids = [item.id for item in items]
+        cached = _read_entry(folder, ids)
+        if cached is not None:
+            self._record(name, "hit", (len(ids), 0), started, folder)
+            return ids, cached
+        vectors, encoded = self._encode_by_chunks(items, folder, retriever, batch_size, progress)
+        _write_entry(folder, key, ids, vectors)
+        status = "computed" if encoded == len(ids) else "resumed"
+        self._record(name, status, (len(ids), encoded), started, folder)
+        return ids, vectors
+
+    def entry_folder(self, key: dict[str, Any]) -> Path:
+        """Where the entry of `key` lives."""
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        task = _safe(key["task"])
+        return self.root / _safe(key["benchmark"]) / _safe(key["split"]) / f"{task}-{digest}"
+
+    def _encode_by_chunks(
+        self,
+        items: Sequence[Candidate],
+        folder: Path,
+        retriever: Retriever,
+        batch_size: int,
+        progress: bool,
+    ) -> tuple[np.ndarray, int]:
+        """All rows, reusing finished chunk files; returns (vectors, rows encoded now)."""
+        partial = folder / f"partial-{self.chunk_rows}"
+        starts = range(0, len(items), self.chunk_rows)
+        chunks = self._finished_chunks(partial, len(items))
+        encoded = 0
+        reused = sum(len(c) for c in chunks.values())
+        with tqdm(
+            total=len(items), initial=reused, unit="img", desc="gallery", disable=not progress
+        ) as bar:
+            for number, start in enumerate(starts):
+                if number in chunks:
+                    continue
+                rows = items[start : start + self.chunk_rows]
+                vectors = encode_items(
+                    rows,
+                    retriever.encode_candidates,
+                    batch_size,
+                    workers=self.workers,
+                    on_batch=bar.update,
+                )
+                write_array(partial / _chunk_name(number), vectors)
+                chunks[number] = vectors
+                encoded += len(rows)
+        return np.concatenate([chunks[n] for n in range(len(starts))]), encoded
+
+    def _finished_chunks(self, partial: Path, total: int) -> dict[int, np.ndarray]:
+        """The chunks a previous, interrupted encoding finished, by chunk number."""
+        chunks = {}
+        for number, start in enumerate(range(0, total, self.chunk_rows)):
+            rows = min(self.chunk_rows, total - start)
+            found = _read_chunk(partial / _chunk_name(number), rows)
+            if found is not None:
+                chunks[number] = found
+        return chunks
+
+    def _record(
+        self, name: str, status: str, counts: tuple[int, int], started: float, folder: Path
+    ) -> None:
+        rows, encoded = counts
+        seconds = time.perf_counter() - started
+        self.events.append(CacheEvent(name, status, rows, encoded, seconds, str(folder)))
+
+
+def _chunk_name(number: int) -> str:
+    return f"chunk-{number:05d}.npy"
+
+
+def _safe(value: object) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("_") or "_"
+
+
+def _read_chunk(path: Path, rows: int) -> np.ndarray | None:
+    """A finished chunk of `rows` float32 rows, or None (absent or unreadable)."""
+    if not path.exists():
+        return None
+    try:
+        chunk = np.load(path)
+    except (OSError, ValueError):
+        return None
+    return chunk if chunk.dtype == np.float32 and chunk.ndim == 2 and len(chunk) == rows else None
+
+
+def _read_entry(folder: Path, ids: list[str]) -> np.ndarray | None:
+    """The stored vectors of a complete entry whose ids are `ids`, else None."""
+    if not (folder / META_FILE).exists():
+        return None
+    try:
+        stored_ids = json.loads((folder / IDS_FILE).read_text())
+        vectors = np.load(folder / VECTORS_FILE)
+    except (OSError, ValueError):
+        return None
+    if stored_ids != ids or vectors.dtype != np.float32 or len(vectors) != len(ids):
+        return None
+    return vectors
+
+
+def _write_entry(folder: Path, key: dict[str, Any], ids: list[str], vectors: np.ndarray) -> None:
+    """Vectors and ids, then meta.json (the completion marker); then drop the chunks."""
+    write_array(folder / VECTORS_FILE, vectors)
+    write_json(folder / IDS_FILE, ids)
+    meta = {
+        **key,
+        "rows": len(ids),
+        "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_json(folder / META_FILE, meta)
+    for partial in folder.glob("partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)

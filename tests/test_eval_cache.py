@@ -1,0 +1,211 @@
+"""The gallery-embedding cache: reused across evaluations (proved by counting encodes),
+recomputed when the gallery or checkpoint changes, resumed from finished chunks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from eval_fixtures import CIRCO_GALLERY_IDS, write_circo_root
+from PIL import Image
+
+from megapairs.evaluation.cache import (
+    GalleryCache,
+    checkpoint_key,
+    encode_items,
+    expand_to_square,
+    gallery_digest,
+    load_ref_image,
+)
+from megapairs.evaluation.evaluator import evaluate
+from megapairs.evaluation.types import Candidate, EvalQuery, EvalTask, ImageRef
+from megapairs.models.inputs import ImageLoadError
+
+
+class CountingRetriever:
+    """Embeds an image by its mean colour and a text by its length; counts what it encodes."""
+
+    name = "counting-fake"
+
+    def __init__(self, fail_after_candidate_calls: int | None = None) -> None:
+        self.query_rows = 0
+        self.candidate_images = 0
+        self.candidate_calls = 0
+        self.fail_after = fail_after_candidate_calls
+
+    def encode_queries(
+        self,
+        images: list[Image.Image] | None,
+        texts: list[str] | None,
+        instruction: str | None = None,
+    ) -> torch.Tensor:
+        self.query_rows += len(images) if images is not None else len(texts or [])
+        return self._embed(images, texts)
+
+    def encode_candidates(
+        self, images: list[Image.Image] | None, texts: list[str] | None
+    ) -> torch.Tensor:
+        if self.fail_after is not None and self.candidate_calls >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.candidate_calls += 1
+        self.candidate_images += len(images or [])
+        return self._embed(images, texts)
+
+    @staticmethod
+    def _embed(images: list[Image.Image] | None, texts: list[str] | None) -> torch.Tensor:
+        count = len(images) if images is not None else len(texts or [])
+        rows = np.ones((count, 4), np.float32)
+        for row, image in enumerate(images or []):
+            rows[row, :3] += np.asarray(image, np.float32).reshape(-1, 3).mean(0) / 255
+        for row, text in enumerate(texts or []):
+            rows[row, 3] += len(text) / 10
+        return torch.nn.functional.normalize(torch.from_numpy(rows), dim=1)
+
+
+def gallery_task(folder: Path, count: int, name: str = "toy/val") -> EvalTask:
+    """A gallery of `count` distinct one-colour PNGs and one query."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gallery = []
+    for index in range(count):
+        path = folder / f"{index}.png"
+        if not path.exists():
+            Image.new("RGB", (4, 4), (index * 9 % 256, index * 5 % 256, 90)).save(path)
+        gallery.append(Candidate(str(index), ImageRef(path)))
+    query = EvalQuery("q", ImageRef(folder / "0.png"), "text", targets=("1",))
+    return EvalTask("toy", name, "val", (query,), tuple(gallery))
+
+
+def test_second_evaluation_encodes_only_queries(tmp_path: Path) -> None:
+    root = write_circo_root(tmp_path / "circo")
+    cache = tmp_path / "cache"
+    first = CountingRetriever()
+    cold = evaluate("circo", first, "model@1", root, "val", cache_dir=cache)
+    assert first.candidate_images == len(CIRCO_GALLERY_IDS) and first.query_rows == 3
+    assert cold.record["cache"]["misses"] == 1 and cold.record["cache"]["hits"] == 0
+
+    second = CountingRetriever()
+    warm = evaluate("circo", second, "model@1", root, "val", cache_dir=cache)
+    assert second.candidate_calls == 0 and second.candidate_images == 0
+    assert second.query_rows == 3
+    assert warm.record["cache"]["hits"] == 1 and warm.record["cache"]["encoded_rows"] == 0
+    assert warm.metrics == cold.metrics
+
+
+def test_changed_gallery_or_checkpoint_is_recomputed(tmp_path: Path) -> None:
+    cache = GalleryCache(tmp_path / "cache")
+    task = gallery_task(tmp_path / "images", 6)
+    ids, vectors = cache.embeddings(task, CountingRetriever(), "model@1")
+    assert ids == [str(i) for i in range(6)] and vectors.dtype == np.float32
+
+    for changed_task, key in [
+        (gallery_task(tmp_path / "images", 7), "model@1"),  # one more image
+        (task, "model@2"),  # another checkpoint
+        (gallery_task(tmp_path / "images", 6, name="toy/other"), "model@1"),  # another task
+    ]:
+        retriever = CountingRetriever()
+        cache.embeddings(changed_task, retriever, key)
+        assert retriever.candidate_images == len(changed_task.gallery)
+    retriever = CountingRetriever()
+    again_ids, again = cache.embeddings(task, retriever, "model@1")
+    assert retriever.candidate_images == 0 and again_ids == ids
+    np.testing.assert_array_equal(again, vectors)
+    assert [event.status for event in cache.events] == ["computed"] * 4 + ["hit"]
+
+
+def test_killed_encoding_resumes_from_finished_chunks(tmp_path: Path) -> None:
+    task = gallery_task(tmp_path / "images", 10)
+    cache = GalleryCache(tmp_path / "cache", chunk_rows=3)
+    dying = CountingRetriever(fail_after_candidate_calls=2)  # batch 3 = one call per chunk
+    with pytest.raises(KeyboardInterrupt):
+        cache.embeddings(task, dying, "model@1", batch_size=3)
+    assert dying.candidate_images == 6
+    (entry,) = (tmp_path / "cache" / "toy" / "val").iterdir()
+    assert sorted(p.name for p in (entry / "partial-3").iterdir()) == [
+        "chunk-00000.npy",
+        "chunk-00001.npy",
+    ]
+    assert not (entry / "meta.json").exists()
+
+    resumed = CountingRetriever()
+    _, vectors = cache.embeddings(task, resumed, "model@1", batch_size=3)
+    assert resumed.candidate_images == 4  # chunks 2 (3 rows) and 3 (1 row) only
+    assert cache.events[-1].status == "resumed" and cache.events[-1].encoded_rows == 4
+    assert not (entry / "partial-3").exists() and (entry / "meta.json").exists()
+    fresh = encode_items(task.gallery, CountingRetriever().encode_candidates, batch_size=4)
+    np.testing.assert_allclose(vectors, fresh, rtol=1e-6)
+
+
+def test_corrupt_entry_is_recomputed(tmp_path: Path) -> None:
+    cache = GalleryCache(tmp_path / "cache")
+    task = gallery_task(tmp_path / "images", 4)
+    cache.embeddings(task, CountingRetriever(), "m")
+    (entry,) = (tmp_path / "cache" / "toy" / "val").iterdir()
+    (entry / "embeddings.npy").write_bytes(b"not numpy")
+    retriever = CountingRetriever()
+    cache.embeddings(task, retriever, "m")
+    assert retriever.candidate_images == 4
+
+
+def test_checkpoint_key(tmp_path: Path) -> None:
+    assert checkpoint_key("BAAI/BGE-VL-base") == "BAAI/BGE-VL-base"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"a": 1}')
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"\0" * (2 << 20))  # above the content-hash size
+    key = checkpoint_key(folder)
+    assert key.startswith(f"{folder.resolve()}@") and checkpoint_key(folder) == key
+    (folder / "config.json").write_text('{"a": 2}')  # same size, other bytes
+    changed_config = checkpoint_key(folder)
+    assert changed_config != key
+    os.utime(weights, ns=(1, 1))  # retouched weights
+    assert checkpoint_key(folder) != changed_config
+
+
+def test_gallery_digest_covers_ids_paths_and_boxes() -> None:
+    base = [Candidate("1", ImageRef(Path("a.jpg")))]
+    digests = {
+        gallery_digest(base),
+        gallery_digest([Candidate("2", ImageRef(Path("a.jpg")))]),
+        gallery_digest([Candidate("1", ImageRef(Path("b.jpg")))]),
+        gallery_digest([Candidate("1", ImageRef(Path("a.jpg"), (0, 0, 2, 2)))]),
+        gallery_digest([Candidate("1", ImageRef(Path("a.jpg")), "text")]),
+    }
+    assert len(digests) == 5
+
+
+def test_crops_are_clipped_and_padded_to_a_square(tmp_path: Path) -> None:
+    image = Image.new("RGB", (10, 8), (0, 0, 255))
+    image.paste(Image.new("RGB", (4, 2), (255, 0, 0)), (6, 6))
+    image.save(tmp_path / "a.png")
+    crop = load_ref_image(ImageRef(tmp_path / "a.png", (6, 6, 9, 9)))  # clipped to 4x2
+    assert crop.size == (4, 4)
+    pixels = np.asarray(crop)
+    assert (pixels[1:3] == (255, 0, 0)).all() and (pixels[0] == 0).all()
+    assert load_ref_image(ImageRef(tmp_path / "a.png", (6, 6, 9, 9)), square=False).size == (4, 2)
+    assert expand_to_square(image).size == (10, 10)
+    with pytest.raises(ImageLoadError, match="outside image"):
+        load_ref_image(ImageRef(tmp_path / "a.png", (20, 20, 5, 5)))
+    with pytest.raises(ImageLoadError, match=r"missing\.png"):
+        load_ref_image(ImageRef(tmp_path / "missing.png"))
+
+
+def test_encode_items_groups_by_modality_and_keeps_order(tmp_path: Path) -> None:
+    task = gallery_task(tmp_path / "images", 3)
+    items = [
+        Candidate("t", None, "a text"),
+        task.gallery[0],
+        Candidate("it", task.gallery[1].image, "with text"),
+        task.gallery[2],
+    ]
+    retriever = CountingRetriever()
+    rows = encode_items(items, retriever.encode_candidates, batch_size=8)
+    for position, item in enumerate(items):
+        alone = encode_items([item], CountingRetriever().encode_candidates, batch_size=1)
+        np.testing.assert_allclose(rows[position], alone[0], rtol=1e-6)
+    assert retriever.candidate_calls == 3  # text, image, image + text
+    with pytest.raises(ValueError, match="neither image nor text"):
+        encode_items([Candidate("x")], retriever.encode_candidates, batch_size=1)

@@ -1,0 +1,495 @@
+"""The evaluator end to end on fixture data roots: exact metrics with a deterministic fake
+retriever, and the tiny random CLIP through `build_retriever` (results, submissions, table)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from eval_fixtures import (
+    CIRCO_GALLERY_IDS,
+    CIRCO_IMAGE_INFO,
+    CIRCO_IMAGES,
+    CIRR_FOLDERS,
+    GENECIS_COCO,
+    GENECIS_VG,
+    GENECIS_VG_SIZE,
+    cirr_image_names,
+    fashioniq_image_names,
+    write_circo_root,
+    write_cirr_root,
+    write_fashioniq_root,
+    write_genecis_root,
+    write_mmeb_root,
+)
+from eval_fixtures import write_json as write_fixture_json
+from PIL import Image
+from tiny_models import Tiny
+
+from megapairs.evaluation.evaluator import (
+    evaluate,
+    evaluate_all,
+    parse_settings,
+    results_path,
+    run_eval_command,
+)
+from megapairs.evaluation.submissions import (
+    validate_circo_submission,
+    validate_cirr_recall_submission,
+    validate_cirr_subset_submission,
+)
+from megapairs.evaluation.tables import PAPER_TABLE1, details_markdown, table1_markdown
+from megapairs.evaluation.types import EvalQuery
+from megapairs.models.base import Retriever, build_retriever
+
+# A fake retriever over six hues: an image is its hue (nearest of these directions of its
+# mean colour) plus its brightness; a text is the hue its first known keyword names.
+HUES = {
+    "red": (1, 0, 0),
+    "green": (0, 1, 0),
+    "blue": (0, 0, 1),
+    "yellow": (1, 1, 0),
+    "magenta": (1, 0, 1),
+    "cyan": (0, 1, 1),
+}
+HUE_NAMES = list(HUES)
+DIM = len(HUES) + 1  # the last component: brightness (images), a constant (queries)
+
+
+def hue_vector(name: str) -> np.ndarray:
+    vector = np.zeros(DIM, np.float32)
+    vector[HUE_NAMES.index(name)] = 1
+    return vector
+
+
+def image_hue(image: Image.Image) -> tuple[str, float]:
+    mean = np.asarray(image.convert("RGB"), np.float64).reshape(-1, 3).mean(0)
+    brightness = mean.max() / 255
+    direction = mean / max(mean.max(), 1e-9)
+    name = min(HUES, key=lambda hue: float(np.sum((direction - HUES[hue]) ** 2)))
+    return name, float(brightness)
+
+
+class ColourRetriever:
+    """Deterministic scores, so rankings are known by hand: a query scores an image by hue
+    (1 for the hue its text names, 0.5 for its reference image's hue), then brightness
+    (a brighter image ranks first among images of one hue class)."""
+
+    name = "colour-fake"
+
+    def __init__(self, keywords: Mapping[str, str]) -> None:
+        self.keywords = dict(keywords)
+
+    def encode_queries(
+        self,
+        images: list[Image.Image] | None,
+        texts: list[str] | None,
+        instruction: str | None = None,
+    ) -> torch.Tensor:
+        count = len(images) if images is not None else len(texts or [])
+        rows = np.zeros((count, DIM), np.float32)
+        rows[:, -1] = 0.2
+        for row, text in enumerate(texts or []):
+            rows[row] += self._text(text)
+        for row, image in enumerate(images or []):
+            rows[row] += 0.5 * hue_vector(image_hue(image)[0])
+        return _unit(rows)
+
+    def encode_candidates(
+        self, images: list[Image.Image] | None, texts: list[str] | None
+    ) -> torch.Tensor:
+        count = len(images) if images is not None else len(texts or [])
+        rows = np.zeros((count, DIM), np.float32)
+        for row, image in enumerate(images or []):
+            hue, brightness = image_hue(image)
+            rows[row] += hue_vector(hue)
+            rows[row, -1] += 0.1 * brightness
+        for row, text in enumerate(texts or []):
+            rows[row] += self._text(text)
+        rows[np.abs(rows).sum(1) == 0, -1] = 1
+        return _unit(rows)
+
+    def _text(self, text: str) -> np.ndarray:
+        for word in text.lower().replace(".", " ").replace(",", " ").split():
+            if word in self.keywords:
+                return hue_vector(self.keywords[word])
+        return np.zeros(DIM, np.float32)
+
+
+def _unit(rows: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(rows / np.linalg.norm(rows, axis=1, keepdims=True))
+
+
+def paint(path: Path, hue: str, brightness: float = 1.0, size: tuple[int, int] = (8, 6)) -> None:
+    colour = tuple(round(255 * brightness * c) for c in HUES[hue])
+    Image.new("RGB", size, colour).save(path, quality=95)
+
+
+def test_fake_retriever_is_a_retriever() -> None:
+    assert isinstance(ColourRetriever({}), Retriever)
+
+
+# CIRCO ---------------------------------------------------------------------------------
+
+CIRCO_COLOURS = {
+    11: ("blue", 0.9),
+    22: ("red", 1.0),
+    33: ("yellow", 0.5),
+    44: ("green", 1.0),
+    55: ("green", 0.8),
+    66: ("blue", 0.6),
+    77: ("blue", 0.7),
+    88: ("magenta", 0.4),
+}
+
+
+@pytest.fixture(scope="module")
+def circo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = write_circo_root(tmp_path_factory.mktemp("circo"))
+    for image_id, (hue, brightness) in CIRCO_COLOURS.items():
+        paint(root / CIRCO_IMAGES / f"{image_id:012d}.jpg", hue, brightness)
+    return root
+
+
+def test_circo_perfect_retrieval_scores_one(circo_root: Path, tmp_path: Path) -> None:
+    """Each query's text names its ground truths' hue: every mAP@k and Recall@k is 1."""
+    fake = ColourRetriever({"bus": "red", "teddy": "green", "street": "blue"})
+    result = evaluate("circo", fake, "fake", circo_root, "val", cache_dir=tmp_path / "cache")
+    for k in (5, 10, 25, 50):
+        assert result.metrics[f"mAP@{k}"] == pytest.approx(1.0)
+        assert result.metrics[f"Recall@{k}"] == pytest.approx(1.0)
+
+
+def test_circo_metrics_match_a_hand_ranking(circo_root: Path, tmp_path: Path) -> None:
+    """Query 2 asks for yellow; its ground truths (blue: 11, 66, 77) then rank 5, 6, 7 behind
+    33 (yellow), 44 and 55 (its reference's green) and 22 (brightest of the rest)."""
+    fake = ColourRetriever({"bus": "red", "teddy": "green", "street": "yellow"})
+    result = evaluate("circo", fake, "fake", circo_root, "val", output=tmp_path)
+    ap5 = (1 / 5) / 3
+    ap10 = (1 / 5 + 2 / 6 + 3 / 7) / 3
+    assert result.metrics["mAP@5"] == pytest.approx((2 + ap5) / 3)
+    assert result.metrics["mAP@10"] == pytest.approx((2 + ap10) / 3)
+    assert result.metrics["mAP@50"] == pytest.approx((2 + ap10) / 3)
+    assert result.metrics["Recall@5"] == pytest.approx(1.0)  # query 2's target 11 is 5th
+    assert result.metrics["mAP@10/aspect/cardinality"] == pytest.approx(1.0)
+    record = json.loads((tmp_path / "circo-val.json").read_text())
+    assert record["metrics"] == pytest.approx(result.metrics)
+    counts = {"tasks": 1, "queries": 3, "gallery": 8, "candidates": 0, "encoded_queries": 3}
+    assert record["counts"] == counts
+    assert record["cache"]["dir"] is None and record["cache"]["encoded_rows"] == 8
+    assert (
+        record["tasks"][0]["settings"]["template"] == "find {shared_concept} but {relative_caption}"
+    )
+
+
+# CIRR ----------------------------------------------------------------------------------
+
+CIRR_COLOURS = [
+    ("red", 1.0),
+    ("yellow", 0.5),
+    ("red", 0.5),
+    ("magenta", 0.8),
+    ("green", 0.9),
+    ("blue", 0.6),
+    ("blue", 0.9),
+    ("green", 0.7),
+]
+
+
+@pytest.fixture(scope="module")
+def cirr_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = write_cirr_root(tmp_path_factory.mktemp("cirr"))
+    for name, (hue, brightness) in zip(cirr_image_names("val"), CIRR_COLOURS, strict=True):
+        paint(root / "img_raw" / "dev" / f"{name}.png", hue, brightness)
+    return root
+
+
+def test_cirr_removes_the_reference_and_ranks_subsets(cirr_root: Path) -> None:
+    """Pair 100's reference (red, brightest) would rank first: removed, its red target wins.
+    Pairs 101 and 102 lose R@1 to a brighter image of the named hue; in its subset 101's
+    target is the only blue member (Rs@1 hit), 102's is second behind a green member."""
+    fake = ColourRetriever({"dogs": "red", "night": "blue", "people": "green"})
+    result = evaluate("cirr", fake, "fake", cirr_root, "val")
+    assert result.metrics["Recall@1"] == pytest.approx(1 / 3)
+    assert result.metrics["Recall@5"] == pytest.approx(1.0)
+    assert result.metrics["Recall@50"] == pytest.approx(1.0)
+    assert result.metrics["Recall_subset@1"] == pytest.approx(2 / 3)
+    assert result.metrics["Recall_subset@2"] == pytest.approx(1.0)
+
+
+# FashionIQ, GeneCIS, MMEB ----------------------------------------------------------------
+
+
+def test_fashioniq_perfect_retrieval(tmp_path: Path) -> None:
+    root = write_fashioniq_root(tmp_path / "fiq", categories=("dress", "shirt"))
+    for category in ("dress", "shirt"):
+        names = fashioniq_image_names(category)
+        for name, hue in zip(names, ["cyan", "red", "yellow", "blue"], strict=True):
+            paint(root / "images" / f"{name}.png", hue)
+    fake = ColourRetriever({"red": "red", "darker": "blue"})
+    settings = {"categories": ["dress", "shirt"], "template": "{0}, and {1}"}
+    result = evaluate("fashioniq", fake, "fake", root, "val", settings, output=tmp_path / "out")
+    assert result.metrics["dress/R@10"] == 1.0 and result.metrics["average/R@50"] == 1.0
+    tasks = result.record["tasks"]
+    assert [t["label"] for t in tasks] == ["dress", "shirt"]
+    assert tasks[0]["settings"]["template"] == "{0}, and {1}"
+    assert result.record["settings"] == settings
+
+
+def _paint_box(image: Image.Image, box: tuple[int, int, int, int], hue: str) -> None:
+    x, y, width, height = box
+    colour = tuple(255 * c for c in HUES[hue])
+    image.paste(Image.new("RGB", (width, height), colour), (x, y))
+
+
+@pytest.fixture(scope="module")
+def genecis_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Object images are plain hues; Visual Genome images have a background hue that only a
+    retriever ignoring the crop box would see."""
+    root = write_genecis_root(
+        tmp_path_factory.mktemp("genecis"), ("focus_object", "change_attribute")
+    )
+    coco = {
+        1: "blue",
+        2: "red",
+        3: "green",
+        4: "yellow",
+        5: "magenta",
+        6: "red",
+        7: "red",
+        8: "cyan",
+    }
+    dims = {2: 0.8, 6: 0.5, 7: 0.9}
+    for image_id, hue in coco.items():
+        paint(root / GENECIS_COCO / f"{image_id:012d}.jpg", hue, dims.get(image_id, 1.0))
+    boxes = {
+        1001: ("red", [((4, 6, 10, 8), "yellow")]),
+        1002: ("blue", [((20, 10, 13, 10), "red")]),
+        1003: ("red", [((0, 0, 6, 6), "green"), ((20, 12, 8, 8), "yellow")]),
+        1004: ("cyan", []),
+        1005: ("red", [((1, 1, 5, 5), "magenta")]),
+        1006: ("green", [((3, 4, 5, 6), "red")]),
+    }
+    for image_id, (background, regions) in boxes.items():
+        image = Image.new("RGB", GENECIS_VG_SIZE, tuple(255 * c for c in HUES[background]))
+        for box, hue in regions:
+            _paint_box(image, box, hue)
+        image.save(root / GENECIS_VG / f"{image_id}.jpg", quality=95)
+    return root
+
+
+def test_genecis_scores_candidates_of_cropped_boxes(genecis_root: Path, tmp_path: Path) -> None:
+    """focus_object: query 0's red target is the only red candidate (hit); query 1's red
+    target is dimmer than a red distractor (rank 2). change_attribute: the red boxes win
+    only because crops are applied (the distractors' backgrounds are bright red)."""
+    fake = ColourRetriever({"cardboard": "red", "red": "red"})
+    settings = {"box_dilation": 0}
+    result = evaluate("genecis", fake, "fake", genecis_root, "val", settings, tmp_path / "c")
+    assert result.metrics["focus_object/Recall@1"] == pytest.approx(0.5)
+    assert result.metrics["focus_object/Recall@2"] == pytest.approx(1.0)
+    assert result.metrics["change_attribute/Recall@1"] == pytest.approx(1.0)
+    assert result.metrics["average/Recall@1"] == pytest.approx(0.75)
+    lookups = result.record["cache"]["lookups"]
+    assert [entry["name"] for entry in lookups] == [
+        "genecis/change_attribute/candidates",
+        "genecis/focus_object/candidates",
+    ]
+    # change_attribute lists 1005's box twice in one gallery: encoded once
+    assert lookups[0]["rows"] == 8 - 1
+
+
+def test_mmeb_text_and_image_candidates(tmp_path: Path) -> None:
+    root = write_mmeb_root(tmp_path / "mmeb")
+    for index, hue in enumerate(["red", "yellow"]):
+        paint(root / "images" / "ImageNet-1K" / f"val_{index}.JPEG", hue)
+    for name, hue in zip("abc", ["green", "blue", "magenta"], strict=True):
+        paint(root / "images" / "MSCOCO_t2i" / f"{name}.jpg", hue)
+    keywords = {
+        "tench": "red",
+        "goldfish": "yellow",
+        "shark": "blue",
+        "dog": "green",
+        "cat": "magenta",
+    }
+    settings = {"datasets": ["ImageNet-1K", "MSCOCO_t2i"]}
+    result = evaluate("mmeb", ColourRetriever(keywords), "fake", root, "test", settings)
+    assert result.metrics["ImageNet-1K/Precision@1"] == 1.0
+    assert result.metrics["MSCOCO_t2i/Precision@1"] == 1.0
+    assert result.metrics["overall/Precision@1"] == 1.0
+    assert len(result.metrics["missing_datasets"]) == 34
+    wrong = {**keywords, "tench": "yellow", "goldfish": "red"}  # swaps both labels
+    result = evaluate("mmeb", ColourRetriever(wrong), "fake", root, "test", settings)
+    assert result.metrics["ImageNet-1K/Precision@1"] == 0.0
+    assert result.metrics["overall/Precision@1"] == pytest.approx(0.5)
+
+
+# the tiny CLIP, end to end ----------------------------------------------------------------
+
+
+def _extend_circo_gallery(root: Path, extra: int = 50) -> None:
+    """Add `extra` gallery images so a submission's top 50 exists."""
+    ids = [*CIRCO_GALLERY_IDS, *range(1000, 1000 + extra)]
+    info = json.loads((root / CIRCO_IMAGE_INFO).read_text())
+    info["images"] = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids]
+    write_fixture_json(root / CIRCO_IMAGE_INFO, info)
+    for i in ids[len(CIRCO_GALLERY_IDS) :]:
+        paint(root / CIRCO_IMAGES / f"{i:012d}.jpg", HUE_NAMES[i % 6], 0.3 + (i % 7) / 10)
+
+
+def _extend_cirr_gallery(root: Path, split: str, extra: int = 50) -> None:
+    split_file = root / "image_splits" / f"split.rc2.{split}.json"
+    relative = json.loads(split_file.read_text())
+    folder = CIRR_FOLDERS[split]
+    for i in range(extra):
+        name = f"{split}-9{i}-0-img0"
+        relative[name] = f"./{folder}/{name}.png"
+        paint(root / "img_raw" / folder / f"{name}.png", HUE_NAMES[i % 6], 0.3 + (i % 7) / 10)
+    write_fixture_json(split_file, relative)
+
+
+@pytest.fixture(scope="module")
+def tiny_roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """<root>/circo (val + test) and <root>/cirr (val + test1) with 58 images each."""
+    root = tmp_path_factory.mktemp("roots")
+    write_circo_root(root / "circo", "val")
+    write_circo_root(root / "circo", "test")
+    _extend_circo_gallery(root / "circo")
+    for split in ("val", "test1"):
+        write_cirr_root(root / "cirr", split)
+        _extend_cirr_gallery(root / "cirr", split)
+    return root
+
+
+def test_tiny_clip_test_splits_write_valid_submissions(
+    tiny_clip: Tiny, tiny_roots: Path, tmp_path: Path
+) -> None:
+    retriever = build_retriever("clip", str(tiny_clip.path))
+    output = tmp_path / "out"
+    circo = evaluate("circo", retriever, "tiny", tiny_roots / "circo", "test", output=output)
+    cirr = evaluate("cirr", retriever, "tiny", tiny_roots / "cirr", "test1", output=output)
+    assert circo.metrics == {} and cirr.metrics == {}
+    (circo_file,) = circo.submission_paths
+    submission = json.loads(circo_file.read_text())
+    validate_circo_submission(submission, ["0", "1", "2"])
+    assert all(len(ids) == 50 for ids in submission.values())
+    recall_file, subset_file = cirr.submission_paths
+    queries = [EvalQuery(id=str(i), image=None, text="") for i in (100, 101, 102)]
+    names = cirr_image_names("test1")
+    members = {"100": names[:6], "101": names[:6], "102": names[2:]}
+    references = {"100": names[0], "101": names[3], "102": names[6]}
+    queries = [
+        EvalQuery(
+            id=q.id,
+            image=None,
+            text="",
+            exclude=(references[q.id],),
+            subset=tuple(m for m in members[q.id] if m != references[q.id]),
+        )
+        for q in queries
+    ]
+    validate_cirr_recall_submission(json.loads(recall_file.read_text()), queries)
+    validate_cirr_subset_submission(json.loads(subset_file.read_text()), queries)
+    record = json.loads(results_path(output, "cirr", "test1").read_text())
+    assert record["ground_truth"] is False
+    assert record["submissions"] == [str(recall_file), str(subset_file)]
+
+
+def test_run_eval_command_all(tiny_clip: Tiny, tiny_roots: Path, tmp_path: Path) -> None:
+    """`--benchmark all` over a root holding circo and cirr: the others are skipped and
+    said so; results JSON, table.md with the paper's rows; a second run hits the cache."""
+    lines: list[str] = []
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    kwargs = {
+        "model": str(tiny_clip.path),
+        "kind": "clip",
+        "data_root": tiny_roots,
+        "output": output,
+        "cache_dir": cache,
+        "overrides": ["circo.template=find {relative_caption}"],
+        "progress": False,
+        "echo": lines.append,
+    }
+    assert run_eval_command("all", **kwargs) == 0
+    assert any("skipping fashioniq" in line for line in lines)
+    record = json.loads((output / "circo-val.json").read_text())
+    assert record["model"]["kind"] == "clip" and record["model"]["path"] == str(tiny_clip.path)
+    assert record["model"]["key"].startswith(str(tiny_clip.path.resolve()) + "@")
+    assert record["retriever"] == f"clip:{tiny_clip.path}"
+    assert record["settings"] == {"template": "find {relative_caption}"}
+    assert record["tasks"][0]["settings"]["template"] == "find {relative_caption}"
+    assert set(record["metrics"]) >= {"mAP@5", "mAP@50", "Recall@10"}
+    assert all(0 <= v <= 1 for v in record["metrics"].values())
+    for key in ("started", "finished", "versions", "counts", "cache", "search"):
+        assert key in record
+    assert record["cache"]["misses"] == 1 and record["cache"]["hits"] == 0
+    table = (output / "table.md").read_text()
+    for row in PAPER_TABLE1:
+        assert f"| {row.model} | {row.backbone} |" in table
+    ours = next(
+        line for line in table.splitlines() if line.startswith(f"| ours: {tiny_clip.path.name}")
+    )
+    assert ours.endswith("| \u2013 | \u2013 |")  # FashionIQ and GeneCIS were skipped
+    single = kwargs | {"overrides": [], "data_root": tiny_roots / "cirr"}
+    assert run_eval_command("cirr", **single) == 0
+    record = json.loads((output / "cirr-val.json").read_text())
+    assert record["cache"]["hits"] == 1 and record["cache"]["encoded_rows"] == 0
+
+
+def test_evaluate_all_skips_absent_roots(circo_root: Path, tmp_path: Path) -> None:
+    said: list[str] = []
+    fake = ColourRetriever({"bus": "red"})
+    roots = {"circo": circo_root, "cirr": tmp_path / "nowhere"}
+    results = evaluate_all(fake, "fake", roots, log=said.append)
+    assert list(results) == ["circo"]
+    assert said[0] == f"skipping cirr: {tmp_path / 'nowhere'} does not exist"
+    assert said[1:] == [
+        f"skipping {name}: no data root given" for name in ("fashioniq", "genecis", "mmeb")
+    ]
+
+
+def test_hidden_split_needs_an_output_folder(tiny_roots: Path) -> None:
+    with pytest.raises(ValueError, match="no ground truth"):
+        evaluate("circo", ColourRetriever({}), "fake", tiny_roots / "circo", "test")
+
+
+def test_unknown_benchmark_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'"):
+        evaluate("nope", ColourRetriever({}), "fake", tmp_path, "val")
+
+
+def test_parse_settings() -> None:
+    assert parse_settings(["template={0} and {1}", "check_images=false"], ["fashioniq"]) == {
+        "fashioniq": {"template": "{0} and {1}", "check_images": False}
+    }
+    parsed = parse_settings(["circo.template=x", 'mmeb.datasets=["CIRR"]'], ["circo", "mmeb"])
+    assert parsed == {"circo": {"template": "x"}, "mmeb": {"datasets": ["CIRR"]}}
+    with pytest.raises(ValueError, match="name the benchmark"):
+        parse_settings(["template=x"], ["circo", "cirr"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_settings(["template"], ["circo"])
+
+
+def test_tables() -> None:
+    records = {
+        "circo": {"split": "val", "metrics": {"mAP@5": 0.1234, "mAP@10": 0.2}},
+        "cirr": {"split": "val", "metrics": {"Recall@1": 0.5, "Recall_subset@1": 0.75}},
+        "mmeb": {
+            "split": "test",
+            "metrics": {"overall/Precision@1": 0.5, "missing_datasets": ["A"]},
+        },
+    }
+    table = table1_markdown({"mine": records}, backbone={"mine": "CLIP-B"})
+    lines = table.splitlines()
+    assert lines[0] == (
+        "| model | backbone | CIRCO mAP@5 | CIRR R@1 | CIRR Rs@1 | FashionIQ R@10 | GeneCIS Rs@1 |"
+    )
+    assert "| MMRet-Base | CLIP-B | 34.3 | 36.1 | 71.6 | 31.9 | 18.0 |" in lines
+    assert "| ours: mine | CLIP-B | 12.3 | 50.0 | 75.0 | \u2013 | \u2013 |" in lines
+    assert "ours: mine evaluated on circo val, cirr val, mmeb test." in lines
+    details = details_markdown(records)
+    assert "### circo (val)" in details and "| mAP@10 | 20.0 |" in details
+    assert "missing_datasets: ['A']" in details
