@@ -14,9 +14,11 @@ from PIL import Image
 
 from megapairs.evaluation.cache import (
     GalleryCache,
+    ImageDecodeError,
     checkpoint_key,
     encode_items,
     expand_to_square,
+    find_undecodable,
     gallery_digest,
     load_ref_image,
 )
@@ -92,6 +94,9 @@ def test_second_evaluation_encodes_only_queries(tmp_path: Path) -> None:
     assert second.query_rows == 3
     assert warm.record["cache"]["hits"] == 1 and warm.record["cache"]["encoded_rows"] == 0
     assert warm.metrics == cold.metrics
+    (root / "COCO2017_unlabeled/unlabeled2017/000000000088.jpg").write_bytes(b"broken")
+    again = evaluate("circo", CountingRetriever(), "model@1", root, "val", cache_dir=cache)
+    assert again.metrics == cold.metrics  # a cached gallery is not decoded (nor probed) again
 
 
 def test_changed_gallery_or_checkpoint_is_recomputed(tmp_path: Path) -> None:
@@ -209,3 +214,37 @@ def test_encode_items_groups_by_modality_and_keeps_order(tmp_path: Path) -> None
     assert retriever.candidate_calls == 3  # text, image, image + text
     with pytest.raises(ValueError, match="neither image nor text"):
         encode_items([Candidate("x")], retriever.encode_candidates, batch_size=1)
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    """Cut a file short, as an interrupted download leaves it (the header still parses)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_find_undecodable_names_broken_files_only(tmp_path: Path) -> None:
+    good = tmp_path / "good.jpg"
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(good, quality=95)
+    truncated, empty, text = tmp_path / "cut.jpg", tmp_path / "empty.jpg", tmp_path / "page.png"
+    Image.fromarray(pixels).save(truncated, quality=95)
+    truncate(truncated)
+    empty.write_bytes(b"")
+    text.write_text("<html>not found</html>")
+    outside = ImageRef(good, box=(100.0, 100.0, 5.0, 5.0))  # a crop box off the image
+    refs = [ImageRef(p) for p in (good, truncated, empty, text, good)] + [outside]
+    failures = find_undecodable(refs, workers=2)
+    assert list(failures) == [ImageRef(truncated), ImageRef(empty), ImageRef(text), outside]
+    assert "truncated" in failures[ImageRef(truncated)]
+    assert "outside image" in failures[outside]
+    with pytest.raises(ImageLoadError):  # the probe agrees with the real decoder
+        load_ref_image(ImageRef(truncated))
+
+
+def test_every_undecodable_file_of_a_batch_is_one_error(tmp_path: Path) -> None:
+    task = gallery_task(tmp_path / "images", 6)
+    for index in (1, 4):
+        (tmp_path / "images" / f"{index}.png").write_bytes(b"broken")
+    with pytest.raises(ImageDecodeError, match=r"2 image file\(s\) cannot be decoded") as err:
+        encode_items(task.gallery, CountingRetriever().encode_candidates, batch_size=8)
+    assert "1.png" in str(err.value) and "4.png" in str(err.value)

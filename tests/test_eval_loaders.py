@@ -33,6 +33,7 @@ from eval_fixtures import (
 
 from megapairs.evaluation.loaders import DEFAULT_SPLITS, LOADERS, load_benchmark
 from megapairs.evaluation.loaders import base as loaders_base
+from megapairs.evaluation.loaders.circo import PAPER_TEMPLATE
 from megapairs.evaluation.loaders.mmeb import DATASETS
 from megapairs.evaluation.types import BenchmarkDataError, EvalTask
 
@@ -81,7 +82,7 @@ def test_circo_val_ranks_the_whole_gallery_with_the_reference_kept(tmp_path):
     assert [c.id for c in task.gallery] == [str(i) for i in CIRCO_GALLERY_IDS]
     query = task.queries[1]
     assert query.id == "1"
-    assert query.text == "find a teddy bear but has two of them on a bench"
+    assert query.text == "find a picture that also a teddy bear, but has two of them on a bench"
     assert query.targets == ("44", "55")
     assert query.image is not None and query.image.path == root / CIRCO_IMAGES / "000000000033.jpg"
     assert query.image.path.is_file()
@@ -89,7 +90,8 @@ def test_circo_val_ranks_the_whole_gallery_with_the_reference_kept(tmp_path):
     assert query.meta["semantic_aspects"] == ["cardinality", "spatial_relations_background"]
     assert "33" in {c.id for c in task.gallery}  # the reference stays rankable
     assert task.queries[2].targets == ("11", "66", "77")  # target first, then the others
-    assert task.settings["template"] == "find {shared_concept} but {relative_caption}"
+    assert task.settings["template"] == PAPER_TEMPLATE  # the paper's query form
+    assert task.settings["instruction"] is None and query.instruction is None
     assert task.settings["missing_images"] == 0
     assert task.settings["gallery_size"] == len(CIRCO_GALLERY_IDS)
 
@@ -228,21 +230,41 @@ def test_genecis_candidate_ids_are_unique_per_query(tmp_path):
     assert all(len(set(c.id for c in q.candidates)) == len(q.candidates) for q in task.queries)
 
 
-def test_genecis_templates_and_present_subtasks(tmp_path):
+def test_genecis_templates_and_a_partial_root(tmp_path):
     root = write_genecis_root(tmp_path, subtasks=("change_attribute", "focus_object"))
-    settings = {"templates": {"change_attribute": "change the colour to {condition}"}}
+    with pytest.raises(BenchmarkDataError, match="2 of the 4 GeneCIS annotation files") as err:
+        load_benchmark("genecis", root, "val")
+    assert "focus_attribute.json" in str(err.value) and "change_object.json" in str(err.value)
+    settings = {
+        "templates": {"change_attribute": "change the colour to {condition}"},
+        "allow_missing": True,
+    }
     tasks = load_benchmark("genecis", root, "val", settings)
     assert [t.name for t in tasks] == ["genecis/change_attribute", "genecis/focus_object"]
     assert tasks[0].queries[0].text == "change the colour to red"
     assert tasks[0].settings["template"] == "change the colour to {condition}"
+    assert tasks[0].settings["missing_subtasks"] == ["focus_attribute", "change_object"]
     assert tasks[1].queries[0].text == "focus on the cardboard"
     assert tasks[0].queries[0].meta == {"condition": "red"}
+    named = load_benchmark("genecis", root, "val", {"subtasks": ["focus_object"]})
+    assert [t.name for t in named] == ["genecis/focus_object"]
+    assert named[0].settings["missing_subtasks"] == [
+        "focus_attribute",
+        "change_attribute",
+        "change_object",
+    ]
     with pytest.raises(ValueError, match="unknown subtasks"):
         load_benchmark("genecis", root, "val", {"templates": {"change_colour": "{condition}"}})
     with pytest.raises(
         BenchmarkDataError, match=r"focus_attribute\.json: annotation file not found"
     ):
         load_benchmark("genecis", root, "val", {"subtasks": ["focus_attribute"]})
+    full = load_benchmark("genecis", write_genecis_root(tmp_path / "full"), "val")
+    assert len(full) == 4 and full[0].settings["missing_subtasks"] == []
+    assert all(query.instruction is None for task in full for query in task.queries)
+    told = load_benchmark("genecis", tmp_path / "full", "val", {"instruction": "Edit it."})
+    assert {query.instruction for task in told for query in task.queries} == {"Edit it."}
+    assert told[0].settings["instruction"] == "Edit it."
 
 
 # --- MMEB ----------------------------------------------------------------------------------
@@ -347,7 +369,7 @@ def test_a_field_of_the_wrong_type_is_named(tmp_path):
     root = write_genecis_root(tmp_path, subtasks=("focus_object",))
     write_json(root / "focus_object.json", entries)
     with pytest.raises(BenchmarkDataError, match=r"entry 1: field 'gallery\[0\]\.val_image_id'"):
-        load_benchmark("genecis", root, "val")
+        load_benchmark("genecis", root, "val", {"subtasks": "focus_object"})
 
 
 @pytest.mark.parametrize(
@@ -473,7 +495,8 @@ def test_real_circo_val_parses_every_query(tmp_path):
         assert query.id == str(entry["id"])
         assert query.targets == tuple(str(i) for i in entry["gt_img_ids"])
         assert query.targets[0] == str(entry["target_img_id"])
-        assert query.text == f"find {entry['shared_concept']} but {entry['relative_caption']}"
+        concept, caption = entry["shared_concept"], entry["relative_caption"]
+        assert query.text == f"find a picture that also {concept}, but {caption}"
         assert query.image is not None
         assert query.image.path.name == f"{entry['reference_img_id']:012d}.jpg"
         assert query.meta["semantic_aspects"] == entry["semantic_aspects"]
@@ -482,7 +505,13 @@ def test_real_circo_val_parses_every_query(tmp_path):
 
 @pytest.mark.skipif(not (REAL_GENECIS / "focus_object.json").is_file(), reason="GeneCIS absent")
 def test_real_genecis_focus_object_parses_every_query():
-    task = only(load_benchmark("genecis", REAL_GENECIS, "val", {"check_images": False}))
+    settings = {"check_images": False, "subtasks": ["focus_object"]}
+    task = only(load_benchmark("genecis", REAL_GENECIS, "val", settings))
+    assert task.settings["missing_subtasks"] == [
+        "focus_attribute",
+        "change_attribute",
+        "change_object",
+    ]
     raw = json.loads((REAL_GENECIS / "focus_object.json").read_text())
     assert task.name == "genecis/focus_object"
     assert len(task.queries) == len(raw) == 1960
@@ -498,8 +527,13 @@ def test_real_genecis_focus_object_parses_every_query():
 
 @pytest.mark.skipif(not (REAL_GENECIS / "focus_object.json").is_file(), reason="GeneCIS absent")
 def test_real_genecis_without_its_images_is_reported():
+    with pytest.raises(BenchmarkDataError, match="3 of the 4 GeneCIS annotation files"):
+        load_benchmark("genecis", REAL_GENECIS, "val", {"check_images": False})
     with pytest.raises(BenchmarkDataError) as error:
-        load_benchmark("genecis", REAL_GENECIS, "val")
+        load_benchmark("genecis", REAL_GENECIS, "val", {"allow_missing": False, "subtasks": None})
+    assert "change_object.json" in str(error.value)
+    with pytest.raises(BenchmarkDataError) as error:
+        load_benchmark("genecis", REAL_GENECIS, "val", {"subtasks": "focus_object"})
     message = str(error.value)
     assert "of 2198 referenced image files are missing" in message
     assert f"folder(s) not found: {REAL_GENECIS / 'coco' / 'val2017'}" in message

@@ -30,20 +30,27 @@ from eval_fixtures import write_json as write_fixture_json
 from PIL import Image
 from tiny_models import Tiny
 
+from megapairs.evaluation.cache import ImageDecodeError
 from megapairs.evaluation.evaluator import (
+    ADAPTERS,
+    TaskOutput,
     evaluate,
     evaluate_all,
     parse_settings,
+    plan_benchmarks,
     results_path,
+    retriever_placement,
     run_eval_command,
 )
+from megapairs.evaluation.loaders import SPLITS
+from megapairs.evaluation.loaders.circo import PAPER_TEMPLATE
 from megapairs.evaluation.submissions import (
     validate_circo_submission,
     validate_cirr_recall_submission,
     validate_cirr_subset_submission,
 )
 from megapairs.evaluation.tables import PAPER_TABLE1, details_markdown, table1_markdown
-from megapairs.evaluation.types import EvalQuery
+from megapairs.evaluation.types import EvalQuery, EvalTask
 from megapairs.models.base import Retriever, build_retriever
 
 # A fake retriever over six hues: an image is its hue (nearest of these directions of its
@@ -179,11 +186,10 @@ def test_circo_metrics_match_a_hand_ranking(circo_root: Path, tmp_path: Path) ->
     record = json.loads((tmp_path / "circo-val.json").read_text())
     assert record["metrics"] == pytest.approx(result.metrics)
     counts = {"tasks": 1, "queries": 3, "gallery": 8, "candidates": 0, "encoded_queries": 3}
+    counts["undecodable_images"] = 0
     assert record["counts"] == counts
     assert record["cache"]["dir"] is None and record["cache"]["encoded_rows"] == 8
-    assert (
-        record["tasks"][0]["settings"]["template"] == "find {shared_concept} but {relative_caption}"
-    )
+    assert record["tasks"][0]["settings"]["template"] == PAPER_TEMPLATE
 
 
 # CIRR ----------------------------------------------------------------------------------
@@ -287,12 +293,20 @@ def test_genecis_scores_candidates_of_cropped_boxes(genecis_root: Path, tmp_path
     target is dimmer than a red distractor (rank 2). change_attribute: the red boxes win
     only because crops are applied (the distractors' backgrounds are bright red)."""
     fake = ColourRetriever({"cardboard": "red", "red": "red"})
-    settings = {"box_dilation": 0}
+    settings = {"box_dilation": 0, "allow_missing": True}  # two of the four subtasks
     result = evaluate("genecis", fake, "fake", genecis_root, "val", settings, tmp_path / "c")
     assert result.metrics["focus_object/Recall@1"] == pytest.approx(0.5)
     assert result.metrics["focus_object/Recall@2"] == pytest.approx(1.0)
     assert result.metrics["change_attribute/Recall@1"] == pytest.approx(1.0)
-    assert result.metrics["average/Recall@1"] == pytest.approx(0.75)
+    assert "average/Recall@1" not in result.metrics  # needs all four subtasks
+    assert result.metrics["missing_subtasks"] == ["focus_attribute", "change_object"]
+    assert "focus_attribute, change_object missing" in result.metrics["average_note"]
+    assert result.record["tasks"][0]["settings"]["missing_subtasks"] == [
+        "focus_attribute",
+        "change_object",
+    ]
+    ours = table1_markdown({"fake": {"genecis": result.record}}).splitlines()[-3]
+    assert ours.startswith("| ours: fake |") and ours.endswith("| \u2013 |")
     lookups = result.record["cache"]["lookups"]
     assert [entry["name"] for entry in lookups] == [
         "genecis/change_attribute/candidates",
@@ -418,6 +432,9 @@ def test_run_eval_command_all(tiny_clip: Tiny, tiny_roots: Path, tmp_path: Path)
     record = json.loads((output / "circo-val.json").read_text())
     assert record["model"]["kind"] == "clip" and record["model"]["path"] == str(tiny_clip.path)
     assert record["model"]["key"].startswith(str(tiny_clip.path.resolve()) + "@")
+    placement = {"device": "cpu", "dtype": "float32"}  # `auto` resolved (no GPU here)
+    assert record["model"]["options"] == placement
+    assert record["model"]["key"].endswith("?" + json.dumps(placement, sort_keys=True))
     assert record["retriever"] == f"clip:{tiny_clip.path}"
     assert record["settings"] == {"template": "find {relative_caption}"}
     assert record["tasks"][0]["settings"]["template"] == "find {relative_caption}"
@@ -493,3 +510,119 @@ def test_tables() -> None:
     details = details_markdown(records)
     assert "### circo (val)" in details and "| mAP@10 | 20.0 |" in details
     assert "missing_datasets: ['A']" in details
+
+
+# task instruction, GeneCIS average, placement, splits, undecodable images --------------
+
+
+class InstructionRecorder(ColourRetriever):
+    """The colour retriever, noting the `instruction` of every `encode_queries` call."""
+
+    def __init__(self, keywords: Mapping[str, str]) -> None:
+        super().__init__(keywords)
+        self.instructions: list[str | None] = []
+
+    def encode_queries(
+        self,
+        images: list[Image.Image] | None,
+        texts: list[str] | None,
+        instruction: str | None = None,
+    ) -> torch.Tensor:
+        self.instructions.append(instruction)
+        return super().encode_queries(images, texts, instruction)
+
+
+def test_the_instruction_setting_reaches_the_retriever(circo_root: Path) -> None:
+    """None is passed as None (the retriever's own default applies); a set one verbatim."""
+    plain = InstructionRecorder({"bus": "red"})
+    result = evaluate("circo", plain, "fake", circo_root, "val")
+    assert plain.instructions == [None]
+    assert result.record["tasks"][0]["settings"]["instruction"] is None
+    told = InstructionRecorder({"bus": "red"})
+    settings = {"instruction": "Retrieve an image that matches the edit."}
+    result = evaluate("circo", told, "fake", circo_root, "val", settings)
+    assert told.instructions == ["Retrieve an image that matches the edit."]
+    assert result.record["tasks"][0]["settings"]["instruction"] == settings["instruction"]
+    with pytest.raises(ValueError, match="instruction should be a string"):
+        evaluate("circo", told, "fake", circo_root, "val", {"instruction": 3})
+
+
+def _candidate_output(task_name: str, scores: dict[str, list[float]]) -> TaskOutput:
+    task = EvalTask("genecis", task_name, "val", ())
+    return TaskOutput(task, scores=scores)
+
+
+def test_genecis_average_needs_all_four_subtasks() -> None:
+    hit, miss = [0.9, 0.1, 0.2], [0.1, 0.9, 0.2]
+    per_subtask = {
+        "focus_attribute": {"0": hit, "1": hit},
+        "change_attribute": {"0": hit, "1": miss},
+        "focus_object": {"0": miss, "1": miss},
+        "change_object": {"0": hit, "1": miss},
+    }
+    outputs = [_candidate_output(f"genecis/{name}", s) for name, s in per_subtask.items()]
+    metrics = ADAPTERS["genecis"].metrics(outputs)
+    assert metrics["average/Recall@1"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    assert "missing_subtasks" not in metrics
+    partial = ADAPTERS["genecis"].metrics(outputs[1:])
+    assert "average/Recall@1" not in partial
+    assert partial["missing_subtasks"] == ["focus_attribute"]
+
+
+def test_retriever_placement_resolves_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert retriever_placement("clip", None) == {"device": "cpu", "dtype": "float32"}
+    assert retriever_placement("mmret-mllm", None, {"max_length": 9}) == {
+        "max_length": 9,
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert retriever_placement("mmret-mllm", None) == {"device": "cuda", "dtype": "float16"}
+    assert retriever_placement("clip", None) == {"device": "cuda", "dtype": "float32"}
+    assert retriever_placement("mmret-mllm", "cpu", {"dtype": "bfloat16"}) == {
+        "device": "cpu",
+        "dtype": "bfloat16",
+    }
+
+
+def test_a_split_applies_only_to_benchmarks_that_have_it(circo_root: Path, tmp_path: Path) -> None:
+    said: list[str] = []
+    roots = {"circo": circo_root, "cirr": tmp_path}
+    plan = plan_benchmarks(roots, dict.fromkeys(SPLITS, "test1"), said.append)
+    assert plan == {"cirr": (tmp_path, "test1")}
+    assert said[0] == "skipping circo: it has no split 'test1' (its splits: val, test)"
+    assert said[1:] == [
+        f"skipping {name}: it has no split 'test1' (its splits: {', '.join(SPLITS[name])})"
+        for name in ("fashioniq", "genecis", "mmeb")
+    ]
+    with pytest.raises(ValueError, match="no benchmark has split 'bogus'"):
+        run_eval_command("all", str(tmp_path / "no-model"), "clip", tmp_path, split="bogus")
+    with pytest.raises(ValueError, match="no benchmark has split 'test1'"):
+        run_eval_command("circo", str(tmp_path / "no-model"), "clip", circo_root, split="test1")
+
+
+def _circo_copy(root: Path) -> Path:
+    write_circo_root(root)
+    for image_id, (hue, brightness) in CIRCO_COLOURS.items():
+        paint(root / CIRCO_IMAGES / f"{image_id:012d}.jpg", hue, brightness, size=(32, 32))
+    return root
+
+
+def test_undecodable_images_fail_before_encoding_or_are_dropped(tmp_path: Path) -> None:
+    root = _circo_copy(tmp_path / "circo")
+    for image_id in (66, 88):  # a ground truth of query 2, and a distractor
+        path = root / CIRCO_IMAGES / f"{image_id:012d}.jpg"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    fake = InstructionRecorder({"bus": "red", "teddy": "green", "street": "blue"})
+    with pytest.raises(ImageDecodeError, match=r"2 image file\(s\) cannot be decoded") as err:
+        evaluate("circo", fake, "fake", root, "val", cache_dir=tmp_path / "cache")
+    assert "000000000066.jpg" in str(err.value) and "000000000088.jpg" in str(err.value)
+    assert fake.instructions == []  # nothing was encoded
+    settings = {"allow_missing": True}
+    result = evaluate("circo", fake, "fake", root, "val", settings, tmp_path / "cache")
+    task_settings = result.record["tasks"][0]["settings"]
+    assert task_settings["undecodable_images"] == 2 and task_settings["dropped_gallery"] == 2
+    assert result.record["counts"]["undecodable_images"] == 2
+    assert result.record["counts"]["gallery"] == len(CIRCO_COLOURS) - 2
+    assert result.metrics["Recall@50"] == pytest.approx(1.0)
+    assert result.metrics["mAP@50"] < 1.0  # query 2's ground truth 66 is a miss

@@ -190,6 +190,29 @@ def test_save_and_load_round_trip(
         assert torch.equal(again.encode(images, texts), model.encode(images, texts))
 
 
+def test_the_task_instruction_is_saved_and_is_the_query_default(
+    tiny_clip: Tiny, tmp_path: Path, image_paths: list[Path]
+) -> None:
+    task = "find the same scene"
+    tasked = MMRetCLIP.from_pretrained(tiny_clip.path)
+    assert tasked.task_instruction is None  # a plain CLIP folder has no mmret_clip.json
+    tasked.task_instruction = task
+    tasked.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "mmret_clip.json").read_text())["task_instruction"] == task
+    loaded = MMRetCLIP.from_pretrained(tmp_path)
+    assert loaded.task_instruction == task
+    pictures = load_images(image_paths)
+    for texts in (TEXTS, None):
+        default = loaded.encode_queries(pictures, texts)
+        assert torch.equal(default, loaded.encode_queries(pictures, texts, instruction=task))
+        assert torch.equal(default, tasked.encode_queries(pictures, texts))
+    untasked = loaded.encode_queries(pictures, TEXTS, instruction="")  # "": no instruction
+    assert torch.equal(untasked, loaded.encode(pictures, TEXTS))
+    (tmp_path / "mmret_clip.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"mmret_clip\.json"):
+        MMRetCLIP.from_pretrained(tmp_path)
+
+
 def test_saved_checkpoint_loads_as_plain_clip(
     model: MMRetCLIP, tmp_path: Path, image_paths: list[Path]
 ) -> None:

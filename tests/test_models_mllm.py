@@ -278,11 +278,13 @@ def test_save_and_load_round_trip(
     adapted: MMRetMLLM, plain: MMRetMLLM, tiny: Tiny, images: list[Path], tmp_path: Path
 ) -> None:
     adapted.prompt = PromptFormat(query="Q: {instruction} | {text}{image}")
+    adapted.task_instruction = TASK
     try:
         adapted.save_pretrained(tmp_path)
         before = adapted.encode(images[:2], TEXTS[:2], instruction=TASK)
     finally:
         adapted.prompt = PromptFormat()
+        adapted.task_instruction = None
     adapter = json.loads((tmp_path / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(tiny.path.resolve())
     assert not (tmp_path / "model.safetensors").exists()  # the adapter only
@@ -299,6 +301,14 @@ def test_save_and_load_round_trip(
     torch.testing.assert_close(
         merged.encode(images[:2], TEXTS[:2], instruction=TASK), before, atol=1e-5, rtol=1e-4
     )
+    assert merged.task_instruction == TASK and plain.task_instruction is None
+    torch.testing.assert_close(
+        merged.encode_queries(images[:2], TEXTS[:2]),
+        merged.encode(images[:2], TEXTS[:2], instruction=TASK),
+    )  # the saved task instruction is the default
+    untasked = merged.encode_queries(images[:2], TEXTS[:2], instruction="")
+    torch.testing.assert_close(untasked, merged.encode(images[:2], TEXTS[:2], instruction=""))
+    assert (untasked - merged.encode(images[:2], TEXTS[:2], instruction=TASK)).abs().max() > 1e-4
     base = plain.encode(images[:2], TEXTS[:2], instruction=TASK)
     assert (base - before).abs().max() > 1e-3  # the adapter was really loaded
     with pytest.raises(ValueError, match="already holds a LoRA adapter"):

@@ -74,6 +74,25 @@ def test_too_small_counts_are_refused(strategy: str, count: int) -> None:
         negatives_per_query(strategy, count)
 
 
+@pytest.mark.parametrize("hns", [HNS, HNS[1:], [*HNS[1:3], "query.jpg", *HNS[3:]]])
+def test_the_query_image_is_q_img_wherever_hns_puts_it(hns: list[str]) -> None:
+    """Given `query_image` (the row's q_img), hns may hold it first, elsewhere or not at all:
+    the query-image negative is q_img and the mined ones are the other entries."""
+    assert select_negatives(hns, "query_image", 4, random.Random(0), "query.jpg") == ["query.jpg"]
+    rng = random.Random(0)
+    for _ in range(20):
+        mined = select_negatives(hns, "mined", 5, rng, query_image="query.jpg")
+        assert sorted(mined) == sorted(MINED)  # all five, never the query image
+        both = select_negatives(hns, "both", 4, rng, query_image="query.jpg")
+        assert both[0] == "query.jpg" and set(both[1:]) <= MINED and len(set(both)) == 4
+
+
+def test_with_q_img_the_query_image_needs_no_hns() -> None:
+    assert select_negatives([], "query_image", 1, random.Random(0), "q.jpg") == ["q.jpg"]
+    with pytest.raises(ValueError, match="no mined hard negatives"):
+        select_negatives(["q.jpg"], "both", 2, random.Random(0), query_image="q.jpg")
+
+
 def test_unknown_strategy_is_refused() -> None:
     with pytest.raises(ValueError, match="'random'"):
         select_negatives(HNS, "random", 4, random.Random(0))

@@ -2,6 +2,7 @@
 resume, gradient caching against the plain step, bf16 on the CPU."""
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,21 @@ def one_thread() -> Any:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_our_dataset(tmp_path_factory.mktemp("dataset"), rows=12)
+
+
+@pytest.fixture(scope="module")
+def dropout_clip(tiny_clip: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny CLIP with attention dropout 0.2: its training steps draw random numbers, so
+    an exact resume needs the generator states restored."""
+    from transformers import CLIPConfig
+
+    folder = tmp_path_factory.mktemp("dropout-clip")
+    shutil.copytree(tiny_clip.path, folder, dirs_exist_ok=True)
+    clip_config = CLIPConfig.from_pretrained(folder)
+    clip_config.text_config.attention_dropout = 0.2
+    clip_config.vision_config.attention_dropout = 0.2
+    clip_config.save_pretrained(folder)
+    return folder
 
 
 def config(model: Path, data: Path, output: Path, *overrides: str) -> TrainConfig:
@@ -109,12 +125,12 @@ def test_a_run_logs_checkpoints_and_saves_a_loadable_model(
 
 
 def test_an_interrupted_run_resumes_with_the_same_losses(
-    tiny_clip: Tiny, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dropout_clip: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = ("steps=6", "save_every=3", "data.negative_strategy=mined")
-    straight = train(config(tiny_clip.path, dataset, tmp_path / "straight", *settings), False)
+    straight = train(config(dropout_clip, dataset, tmp_path / "straight", *settings), False)
 
-    interrupted = config(tiny_clip.path, dataset, tmp_path / "interrupted", *settings)
+    interrupted = config(dropout_clip, dataset, tmp_path / "interrupted", *settings)
     real_step = trainer_module._TrainingRun.step
     calls: list[int] = []
 
@@ -169,6 +185,73 @@ def test_bf16_mixed_precision_trains_on_the_cpu(
     fp32 = train(config(tiny_clip.path, dataset, tmp_path / "fp32", "steps=1"), False)
     assert result.losses[0] == pytest.approx(fp32.losses[0], rel=0.05)  # bf16 is close
     assert result.losses[0] != fp32.losses[0]  # ... but autocast did run in bf16
+
+
+def test_fp16_loss_scaling_skips_the_schedule_and_resumes_its_scale(
+    tiny_clip: Tiny, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gradient scaler (what fp16 gives on a GPU; here a CPU one) whose first scale makes
+    every gradient overflow: each optimizer step is skipped, so the weights and the learning
+    rate stay, and the halved scale is saved and restored with the checkpoint."""
+    make_accelerator = trainer_module._make_accelerator
+
+    def with_scaler(*args: Any) -> Any:
+        accelerator = make_accelerator(*args)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=0.9)
+        return accelerator
+
+    monkeypatch.setattr(trainer_module, "_make_accelerator", with_scaler)
+    settings = ("optim.warmup_steps=0", "save_every=2")
+    straight = train(config(tiny_clip.path, dataset, tmp_path / "straight", *settings), False)
+    assert [line["lr"] for line in read_log(straight)] == [1e-3] * 4  # never decayed
+    scaler = torch.load(straight.checkpoints[-1] / "scaler.pt")
+    after_4_skips = pytest.approx(2.0**127 * 0.9**4, rel=1e-6)  # backed off at each skip
+    assert scaler["scale"] == after_4_skips
+    final = MMRetCLIP.from_pretrained(straight.final_model).clip.state_dict()
+    start = MMRetCLIP.from_pretrained(tiny_clip.path).clip.state_dict()
+    assert all(torch.equal(final[name], start[name]) for name in start)
+
+    interrupted = config(tiny_clip.path, dataset, tmp_path / "interrupted", *settings)
+    real_step = trainer_module._TrainingRun.step
+    calls: list[int] = []
+
+    def crash_at_step_3(self: Any) -> float:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module._TrainingRun, "step", crash_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train(interrupted, False)
+    resumed = train(interrupted, False)
+    assert resumed.resumed_from == 2
+    assert torch.load(resumed.checkpoints[-1] / "scaler.pt")["scale"] == after_4_skips
+    (resumed.checkpoints[0] / "scaler.pt").unlink()
+    shutil.rmtree(resumed.checkpoints[-1])
+    with pytest.raises(ValueError, match=r"no scaler\.pt"):
+        train(interrupted, False)
+
+
+def test_the_task_instruction_is_saved_and_used_by_default(
+    tiny_clip: Tiny, dataset: Path, tmp_path: Path
+) -> None:
+    task = "Retrieve an image that fits the change."
+    settings = ("steps=2", f"model.task_instruction={task}")
+    result = train(config(tiny_clip.path, dataset, tmp_path, *settings), False)
+    for folder in (result.final_model, result.checkpoints[-1] / "model"):
+        saved = json.loads((folder / "mmret_clip.json").read_text())
+        assert saved["task_instruction"] == task
+    trained = MMRetCLIP.from_pretrained(result.final_model)
+    assert trained.task_instruction == task
+    images = [dataset / "images" / "img-0.png", dataset / "images" / "img-1.png"]
+    texts = ["make it red", "now in blue"]
+    default = trained.encode_queries(images, texts, instruction=None)
+    assert torch.equal(default, trained.encode_queries(images, texts, instruction=task))
+    assert not torch.allclose(default, trained.encode_queries(images, texts, instruction=""))
+    untasked = train(config(tiny_clip.path, dataset, tmp_path / "plain", "steps=1"), False)
+    assert MMRetCLIP.from_pretrained(untasked.final_model).task_instruction is None
 
 
 def test_skipped_images_reach_the_result_and_the_log(tiny_clip: Tiny, tmp_path: Path) -> None:
@@ -236,5 +319,10 @@ def test_the_mllm_trains_with_lora_and_gradient_caching(dataset: Path, tmp_path:
     assert any("vision_tower" in name for name in adapter)  # LoRA on the ViT and the LLM
     assert any("language_model" in name for name in adapter)
     trained = MMRetMLLM.from_pretrained(cached.final_model)  # an adapter folder, merged
-    embedding = trained.encode(images=[dataset / "images" / "img-0.png"])
+    image = [dataset / "images" / "img-0.png"]
+    embedding = trained.encode(images=image)
     assert embedding.shape == (1, trained.dim) and torch.isfinite(embedding).all()
+    assert trained.task_instruction == "Find it."  # from mmret_mllm.json
+    default = trained.encode_queries(image, ["make it red"], instruction=None)
+    assert torch.equal(default, trained.encode_queries(image, ["make it red"], "Find it."))
+    assert not torch.allclose(default, trained.encode_queries(image, ["make it red"], ""))

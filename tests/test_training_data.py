@@ -1,6 +1,7 @@
 """Training data: both dataset layouts, seeded sampling, skipped images, exact data position."""
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -12,10 +13,12 @@ from PIL import Image
 from megapairs.training.data import (
     BatchStream,
     RowStream,
+    RowUnusable,
     TrainSample,
     TripletBatches,
     TripletTable,
     find_sources,
+    required_columns,
 )
 from megapairs.training.negatives import NegativeStrategy
 
@@ -42,30 +45,34 @@ def write_images(folder: Path, count: int, size: int = 32) -> list[str]:
     return names
 
 
-def triplet_rows(prefix: str, rows: int = ROWS, images: int = ROWS + 5) -> list[dict]:
-    """Row i: query image i, target i + 1, hns = [query, i + 2, i + 3, i + 4] (image paths)."""
+def triplet_rows(
+    prefix: str, rows: int = ROWS, images: int = ROWS + 5, query_in_hns: bool = True
+) -> list[dict]:
+    """Row i: query image i, target i + 1, hns = [query, i + 2, i + 3, i + 4] (image paths;
+    without the query when not `query_in_hns`)."""
 
     def path(index: int) -> str:
         return f"{prefix}img-{index % images}.png"
 
+    first = [0] if query_in_hns else []
     return [
         {
             "q_img": path(i),
             "q_text": INSTRUCTIONS,
             "t_img": path(i + 1),
-            "hns": [path(i), path(i + 2), path(i + 3), path(i + 4)],
+            "hns": [path(i + offset) for offset in (*first, 2, 3, 4)],
         }
         for i in range(rows)
     ]
 
 
-def write_our_dataset(folder: Path, rows: int = ROWS) -> Path:
+def write_our_dataset(folder: Path, rows: int = ROWS, query_in_hns: bool = True) -> Path:
     """Our export's layout: part-N.parquet (+ its JSONL twin) with extra columns, image
     paths relative to the dataset folder (images/...)."""
     write_images(folder / "images", rows + 5)
     records = [
         {**row, "pair_id": f"p{i}", "query_id": i, "channels": ["image"], "description": "x"}
-        for i, row in enumerate(triplet_rows("images/", rows))
+        for i, row in enumerate(triplet_rows("images/", rows, query_in_hns=query_in_hns))
     ]
     pq.write_table(pa.Table.from_pylist(records), folder / "part-00000.parquet")
     lines = "".join(json.dumps(record) + "\n" for record in records)
@@ -144,6 +151,7 @@ def test_instruction_sampling_is_seeded_by_seed_epoch_and_row(tmp_path: Path) ->
     assert draws != {key: other_seed.sample(*key).instruction for key in draws}
 
 
+@pytest.mark.parametrize("query_in_hns", [True, False], ids=["released-layout", "no-query-in-hns"])
 @pytest.mark.parametrize(
     ("strategy", "count", "expected"),
     [
@@ -154,9 +162,10 @@ def test_instruction_sampling_is_seeded_by_seed_epoch_and_row(tmp_path: Path) ->
     ],
 )
 def test_negatives_follow_the_strategy(
-    tmp_path: Path, strategy: str, count: int, expected: list[str]
+    tmp_path: Path, strategy: str, count: int, expected: list[str], query_in_hns: bool
 ) -> None:
-    table = TripletTable.from_paths([str(write_our_dataset(tmp_path))])
+    folder = write_our_dataset(tmp_path, query_in_hns=query_in_hns)
+    table = TripletTable.from_paths([str(folder)])
     sample = batches(table, strategy=strategy, negatives=count).sample(5, epoch=0)
     query, target, *negatives = [image_index(i) for i in (sample.query_image, *sample.candidates)]
     assert (query, target) == (5, 6)
@@ -214,3 +223,72 @@ def test_each_epoch_reads_every_row_once_and_ranks_split_them() -> None:
     ranks = [RowStream(7, seed=3, rank=r, world_size=2) for r in range(2)]
     shares = [{row for _, row in r.rows(0, r.share_size)} for r in ranks]
     assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(range(7))
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+@pytest.mark.parametrize("column", ["q_img", "q_text", "t_img", "hns"])
+def test_a_file_without_a_needed_column_is_refused_when_read(
+    tmp_path: Path, suffix: str, column: str
+) -> None:
+    write_images(tmp_path / "images", ROWS + 5)
+    records = [{k: v for k, v in row.items() if k != column} for row in triplet_rows("images/")]
+    file = tmp_path / f"part-0{suffix}"
+    if suffix == ".jsonl":
+        file.write_text("".join(json.dumps(record) + "\n" for record in records))
+    else:
+        pq.write_table(pa.Table.from_pylist(records), file)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(file))}.*no '{column}' column"):
+        TripletTable.from_paths([str(file)])  # every column needed: mined negatives
+    if column != "hns":
+        with pytest.raises(ValueError, match=f"no '{column}' column"):
+            TripletTable.from_paths([str(file)], required=required_columns("none"))
+        return
+    for strategy in ("none", "query_image"):  # these never read hns
+        table = TripletTable.from_paths([str(file)], required=required_columns(strategy))
+        sample = batches(table, strategy=strategy, negatives=1).sample(4, epoch=0)
+        assert [image_index(image) for image in sample.candidates] == (
+            [5] if strategy == "none" else [5, 4]
+        )
+
+
+def test_rows_with_null_hns_train_without_mined_negatives(tmp_path: Path) -> None:
+    write_images(tmp_path / "images", ROWS + 5)
+    records = [{**row, "hns": None} for row in triplet_rows("images/")]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "part-0.parquet")
+    table = TripletTable.from_paths([str(tmp_path)], required=required_columns("none"))
+    plain = batches(table, batch_size=5, strategy="none")
+    assert not plain[0].skipped and len(plain[0].batch) == 5
+    assert not batches(table, batch_size=5, strategy="query_image")[0].skipped
+    mined = batches(TripletTable.from_paths([str(tmp_path)]), strategy="mined")
+    with pytest.raises(RowUnusable, match="too_few_negatives"):
+        mined.sample(0, epoch=0)
+
+
+def test_a_batch_larger_than_a_process_share_is_refused(tmp_path: Path) -> None:
+    table = TripletTable.from_paths([str(write_our_dataset(tmp_path))])  # 10 rows
+    assert len(batches(table, batch_size=ROWS)[0].batch) == ROWS
+    with pytest.raises(ValueError, match="batch_size 11 exceeds the 10 training rows"):
+        batches(table, batch_size=ROWS + 1)
+    half = RowStream(len(table), seed=0, rank=1, world_size=2)  # 5 rows per process
+    with pytest.raises(ValueError, match=r"batch_size 6 exceeds the 5 .* 2 process"):
+        TripletBatches(table, half, 6, "none", 0)
+
+
+def test_instructions_holding_a_reserved_token_skip_their_row(tmp_path: Path) -> None:
+    write_images(tmp_path / "images", ROWS + 5)
+    records = triplet_rows("images/")
+    records[3]["q_text"] = ["make it red", "put <image> here"]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "part-0.parquet")
+    table = TripletTable.from_paths([str(tmp_path)])
+    guarded = TripletBatches(
+        table, RowStream(len(table), 0), ROWS, "none", 0, reserved_tokens=["<image>"]
+    )
+    with pytest.raises(RowUnusable, match=r"reserved_token.*<image>"):
+        guarded.sample(3, epoch=0)
+    loaded = guarded[0]
+    assert [(s.row, s.reason) for s in loaded.skipped] == [(3, "reserved_token")]
+    assert len(loaded.batch) == ROWS and 3 not in {sample.row for sample in loaded.batch}
+    stream = BatchStream(guarded)
+    stream.next_batch()
+    assert stream.skipped.as_dict() == {"reserved_token": 1}
+    assert batches(table, strategy="none").sample(3, epoch=0)  # no reserved tokens: usable

@@ -220,7 +220,8 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="benchmark setting, e.g. --set template='find {shared_concept} but "
-        "{relative_caption}' (with all: circo.template=...)",
+        "{relative_caption}' (default: the paper's form), --set instruction='...', "
+        "--set allow_missing=true (with all: circo.template=...)",
     )
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=cmd_eval)

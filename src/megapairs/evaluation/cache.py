@@ -20,6 +20,9 @@ chunks it completed; they are deleted once the entry is assembled.
 
 Images are decoded with `megapairs.models.inputs.load_image` (crop boxes applied, then
 padded to a square as GeneCIS does) in a thread pool, one batch ahead of the encoder.
+`find_undecodable` checks beforehand, cheaply (JPEGs decoded at 1/8 scale), which image
+files cannot be decoded, so a broken file is reported before hours of encoding; a
+failure while encoding is one error naming every undecodable file of its batch.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,7 +45,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from megapairs.evaluation.types import Candidate, EvalTask, ImageRef
+from megapairs.corpus.images import ImageRejected, open_rgb
+from megapairs.evaluation.types import BenchmarkDataError, Candidate, EvalTask, ImageRef
 from megapairs.models.base import Retriever
 from megapairs.models.inputs import ImageLoadError, load_image
 from megapairs.runs import write_array, write_json
@@ -54,6 +58,8 @@ DECODE_WORKERS = min(4, os.cpu_count() or 1)
 META_FILE = "meta.json"
 VECTORS_FILE = "embeddings.npy"
 IDS_FILE = "ids.json"
+FAILURE_EXAMPLES = 10  # undecodable files named in an error
+PROBE_SIZE = (1, 1)  # JPEGs are probed at their smallest decoding scale (1/8)
 
 Encode = Callable[[list[Image.Image] | None, list[str] | None], torch.Tensor]
 """An encoder of one batch: (images or None, texts or None) -> (B, d) tensor."""
@@ -130,6 +136,61 @@ def load_ref_image(ref: ImageRef, square: bool = True) -> Image.Image:
     return expand_to_square(crop) if square else crop
 
 
+def probe_image(ref: ImageRef) -> None:
+    """Raise `ImageLoadError` when `load_ref_image(ref)` would; JPEGs without a crop box
+    are decoded at their smallest scale (every byte is still read, so truncation shows)."""
+    if ref.box is not None:
+        load_ref_image(ref)
+        return
+    try:
+        open_rgb(Path(ref.path).read_bytes(), draft_size=PROBE_SIZE)
+    except (OSError, ImageRejected) as err:
+        raise ImageLoadError(f"cannot open image {str(ref.path)!r}: {err}") from err
+
+
+def find_undecodable(
+    refs: Iterable[ImageRef], workers: int = DECODE_WORKERS, progress: bool = False
+) -> dict[ImageRef, str]:
+    """The distinct images of `refs` that cannot be decoded, each with the reason."""
+    distinct = list(dict.fromkeys(refs))
+    failures: dict[ImageRef, str] = {}
+
+    def probe(ref: ImageRef) -> None:
+        try:
+            probe_image(ref)
+        except ImageLoadError as err:
+            failures[ref] = str(err)
+
+    with (
+        ThreadPoolExecutor(max(1, workers), thread_name_prefix="probe") as pool,
+        tqdm(total=len(distinct), desc="checking images", disable=not progress) as bar,
+    ):
+        for _ in pool.map(probe, distinct):
+            bar.update()
+    return {ref: failures[ref] for ref in distinct if ref in failures}
+
+
+def undecodable_report(failures: Mapping[ImageRef, str], source: str) -> str:
+    """One message for `failures`: the count and up to `FAILURE_EXAMPLES` files."""
+    shown = list(failures.items())[:FAILURE_EXAMPLES]
+    examples = "; ".join(_failure_line(ref, reason) for ref, reason in shown)
+    more = f" (and {len(failures) - len(shown)} more)" if len(failures) > len(shown) else ""
+    return (
+        f"{source}: {len(failures)} image file(s) cannot be decoded: {examples}{more}. "
+        "Replace them, or pass allow_missing=True to evaluate without them (the count is "
+        "recorded in the results)"
+    )
+
+
+def _failure_line(ref: ImageRef, reason: str) -> str:
+    box = "" if ref.box is None else f" box {ref.box}"
+    return f"{ref.path}{box}: {reason}"
+
+
+class ImageDecodeError(BenchmarkDataError):
+    """Image files that cannot be decoded; the message gives the count and examples."""
+
+
 def expand_to_square(image: Image.Image) -> Image.Image:
     """`image` centred on a black square whose side is its longer side."""
     width, height = image.size
@@ -189,23 +250,37 @@ def _prefetch(
     items: Sequence[Item], batches: list[list[int]], pool: ThreadPoolExecutor
 ) -> Iterator[list[Image.Image] | None]:
     """Decoded images of each batch (None for text-only batches), the next one in flight."""
+    Pending = list[tuple[ImageRef, Future[Image.Image]]]
 
-    def submit(batch: list[int]) -> list[Future[Image.Image]] | None:
-        refs = [items[p].image for p in batch]
-        if refs[0] is None:
+    def submit(batch: list[int]) -> Pending | None:
+        refs = [ref for p in batch if (ref := items[p].image) is not None]
+        if not refs:
             return None
-        return [pool.submit(load_ref_image, ref) for ref in refs if ref is not None]
+        return [(ref, pool.submit(load_ref_image, ref)) for ref in refs]
 
     pending = submit(batches[0]) if batches else None
     for number in range(len(batches)):
         current = pending
         pending = submit(batches[number + 1]) if number + 1 < len(batches) else None
         try:
-            yield None if current is None else [future.result() for future in current]
+            yield None if current is None else _batch_images(current)
         except BaseException:
-            for future in (current or []) + (pending or []):
+            for _, future in (current or []) + (pending or []):
                 future.cancel()
             raise
+
+
+def _batch_images(decoding: list[tuple[ImageRef, Future[Image.Image]]]) -> list[Image.Image]:
+    """The decoded images of one batch; every failure of the batch in one error."""
+    images, failures = [], {}
+    for ref, future in decoding:
+        try:
+            images.append(future.result())
+        except ImageLoadError as err:
+            failures[ref] = str(err)
+    if failures:
+        raise ImageDecodeError(undecodable_report(failures, "while encoding"))
+    return images
 
 
 def _describe(item: Item) -> str:
@@ -225,6 +300,26 @@ def gallery_digest(items: Sequence[Candidate]) -> str:
         box = "" if image is None or image.box is None else ",".join(map(repr, image.box))
         digest.update(f"{item.id}\t{path}\t{box}\t{item.text or ''}\n".encode())
     return digest.hexdigest()
+
+
+def entry_key(
+    items: Sequence[Candidate],
+    name: str,
+    benchmark: str,
+    split: str,
+    retriever: Retriever,
+    model_key: str,
+) -> dict[str, Any]:
+    """What identifies the embeddings of `items` (see the module docstring)."""
+    return {
+        "format": CACHE_FORMAT,
+        "retriever": retriever_class(retriever),
+        "model": model_key,
+        "benchmark": benchmark,
+        "split": split,
+        "task": name,
+        "gallery": gallery_digest(items),
+    }
 
 
 @dataclass(frozen=True)
@@ -301,15 +396,7 @@ class GalleryCache:
         """The ids and embeddings of any candidate list (a gallery, or the distinct
         candidates of per-query tasks), from the cache or encoded and stored."""
         started = time.perf_counter()
-        key = {
-            "format": CACHE_FORMAT,
-            "retriever": retriever_class(retriever),
-            "model": model_key,
-            "benchmark": benchmark,
-            "split": split,
-            "task": name,
-            "gallery": gallery_digest(items),
-        }
+        key = entry_key(items, name, benchmark, split, retriever, model_key)
         folder = self.entry_folder(key)
         ids = [item.id for item in items]
         cached = _read_entry(folder, ids)
@@ -321,6 +408,16 @@ class GalleryCache:
         status = "computed" if encoded == len(ids) else "resumed"
         self._record(name, status, (len(ids), encoded), started, folder)
         return ids, vectors
+
+    def has_entry(self, key: dict[str, Any], ids: list[str]) -> bool:
+        """Whether the complete entry of `key` (`entry_key`) is stored, with these ids."""
+        folder = self.entry_folder(key)
+        if not (folder / META_FILE).exists():
+            return False
+        try:
+            return bool(json.loads((folder / IDS_FILE).read_text()) == ids)
+        except (OSError, ValueError):
+            return False
 
     def entry_folder(self, key: dict[str, Any]) -> Path:
         """Where the entry of `key` lives."""

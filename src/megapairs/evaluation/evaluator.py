@@ -1,13 +1,16 @@
 """One composed-retrieval evaluator for every benchmark, with a thin adapter per benchmark.
 
-`evaluate` loads a benchmark's tasks (`loaders.load_benchmark`) and, per task:
+`evaluate` loads a benchmark's tasks (`loaders.load_benchmark`), checks before any
+encoding that every image it will decode can be decoded (`cache.find_undecodable`: one
+error listing them, or with `allow_missing` they are dropped and counted), and, per task:
 
 - gallery tasks (CIRCO, CIRR, FashionIQ): the gallery is embedded once per checkpoint
   (`GalleryCache`), the queries are embedded (image + text, image or text, with the
-  task instruction if any), and FAISS inner-product search (`IndexFlatIP`, on the
-  GPUs when FAISS sees one) returns each query's top `depth + len(exclude) + margin`
-  ids; excluded ids are dropped and the ranking cut to the adapter's `depth`. Queries
-  with a `subset` (CIRR) also get the subset ranked exactly by score.
+  task instruction as the loader set it: None leaves the retriever's own default), and
+  FAISS inner-product search (`IndexFlatIP`, on the GPUs when FAISS sees one) returns
+  each query's top `depth + len(exclude) + margin` ids; excluded ids are dropped and the
+  ranking cut to the adapter's `depth`. Queries with a `subset` (CIRR) also get the
+  subset ranked exactly by score.
 - candidate tasks (GeneCIS, MMEB): each query's candidates are scored by dot product
   (candidate 0 is the correct one); the distinct candidates of a task are embedded
   through the same cache.
@@ -35,9 +38,26 @@ from tqdm.auto import tqdm
 
 from megapairs.evaluation import metrics as M
 from megapairs.evaluation import submissions as S
-from megapairs.evaluation.cache import DECODE_WORKERS, GalleryCache, checkpoint_key, encode_items
-from megapairs.evaluation.loaders import DEFAULT_SPLITS, load_benchmark
-from megapairs.evaluation.types import BenchmarkDataError, Candidate, EvalQuery, EvalTask
+from megapairs.evaluation.cache import (
+    DECODE_WORKERS,
+    GalleryCache,
+    ImageDecodeError,
+    checkpoint_key,
+    encode_items,
+    entry_key,
+    find_undecodable,
+    undecodable_report,
+)
+from megapairs.evaluation.loaders import DEFAULT_SPLITS, SPLITS, load_benchmark
+from megapairs.evaluation.loaders.base import drop_images
+from megapairs.evaluation.loaders.genecis import SUBTASKS as GENECIS_SUBTASKS
+from megapairs.evaluation.types import (
+    BenchmarkDataError,
+    Candidate,
+    EvalQuery,
+    EvalTask,
+    ImageRef,
+)
 from megapairs.models.base import Retriever
 from megapairs.runs import environment_versions, now_iso, write_json
 
@@ -114,13 +134,22 @@ def _fashioniq_metrics(outputs: Sequence[TaskOutput]) -> dict[str, Any]:
 
 
 def _genecis_metrics(outputs: Sequence[TaskOutput]) -> dict[str, Any]:
+    """Per-subtask Recall@{1,2,3}; the average R@1 (the headline) only over all four
+    subtasks, else `missing_subtasks` and a note on why it is absent."""
     per_subtask = {o.label: M.genecis_metrics(o.scores) for o in outputs}
     result: dict[str, Any] = {
         f"{subtask}/{name}": value
         for subtask, values in per_subtask.items()
         for name, value in values.items()
     }
-    result["average/Recall@1"] = M.genecis_average(per_subtask)
+    if missing := [subtask for subtask in GENECIS_SUBTASKS if subtask not in per_subtask]:
+        result["missing_subtasks"] = missing
+        result["average_note"] = (
+            f"no average R@1: it needs all {len(GENECIS_SUBTASKS)} subtasks, "
+            f"{', '.join(missing)} missing"
+        )
+    else:
+        result["average/Recall@1"] = M.genecis_average(per_subtask)
     return result
 
 
@@ -232,6 +261,7 @@ def evaluate(
         raise ValueError(f"{benchmark} {split} has no ground truth: give an output folder")
     cache = GalleryCache(cache_dir, workers=workers) if cache_dir is not None else None
     context = _Context(retriever, model_key, cache, batch_size, progress, gpu, workers)
+    tasks = _decodable_tasks(tasks, context, f"{benchmark} {split} under {data_root}")
     outputs = [_run_task(task, adapter.depth, context) for task in tasks]
     metrics = {} if hidden else adapter.metrics(outputs)
     submissions = []
@@ -277,6 +307,7 @@ class _Context:
     workers: int
     query_rows: int = 0
     encoded_candidates: int = 0
+    undecodable_images: int = 0
 
     def embed_candidates(self, items: Sequence[Candidate], name: str, task: EvalTask) -> np.ndarray:
         """Embeddings of `items` through the cache (or encoded directly without one)."""
@@ -299,6 +330,13 @@ class _Context:
                 items, encode, self.batch_size, workers=self.workers, on_batch=bar.update
             )
 
+    def has_cached(self, items: Sequence[Candidate], name: str, task: EvalTask) -> bool:
+        """Whether the cache holds the embeddings of `items` (as `embed_candidates` names them)."""
+        if self.cache is None:
+            return False
+        key = entry_key(items, name, task.benchmark, task.split, self.retriever, self.model_key)
+        return self.cache.has_entry(key, [item.id for item in items])
+
     def embed_queries(self, queries: Sequence[EvalQuery]) -> np.ndarray:
         """Query embeddings, encoded per instruction group (float32, input order)."""
         groups: dict[str | None, list[int]] = defaultdict(list)
@@ -317,6 +355,36 @@ class _Context:
                 output[positions] = rows
         self.query_rows += len(queries)
         return output if output is not None else np.zeros((0, 0), np.float32)
+
+
+def _decodable_tasks(tasks: Sequence[EvalTask], context: _Context, source: str) -> list[EvalTask]:
+    """Before any encoding: the images still to encode that cannot be decoded are one
+    `ImageDecodeError` (count and examples), or, with `allow_missing`, dropped from the
+    tasks and counted (`drop_images`). Tasks loaded without `check_images` are not probed."""
+    refs = [
+        ref
+        for task in tasks
+        if task.settings.get("check_images", True)
+        for ref in _images_to_encode(task, context)
+    ]
+    failures = find_undecodable(refs, context.workers, context.progress)
+    context.undecodable_images = len(failures)
+    if not failures:
+        return list(tasks)
+    if not all(task.settings.get("allow_missing") for task in tasks):
+        raise ImageDecodeError(undecodable_report(failures, source))
+    return [drop_images(task, failures) for task in tasks]
+
+
+def _images_to_encode(task: EvalTask, context: _Context) -> list[ImageRef]:
+    """The images of `task` that evaluating it decodes: its queries', and its gallery's or
+    candidates' unless the cache holds their embeddings."""
+    items = task.gallery or tuple(_distinct_candidates(task.queries)[0])
+    name = task.name if task.gallery else f"{task.name}/candidates"
+    images = [query.image for query in task.queries]
+    if not context.has_cached(items, name, task):
+        images += [item.image for item in items]
+    return [image for image in images if image is not None]
 
 
 def _run_task(task: EvalTask, depth: int, context: _Context) -> TaskOutput:
@@ -484,6 +552,7 @@ def _record(
             "gallery": sum(len(o.task.gallery) for o in outputs),
             "candidates": sum(len(q.candidates) for o in outputs for q in o.task.queries),
             "encoded_queries": context.query_rows,
+            "undecodable_images": context.undecodable_images,
         },
         "cache": {
             "dir": None if context.cache is None else str(context.cache.root),
@@ -540,20 +609,15 @@ def evaluate_all(
 ) -> dict[str, EvalResult]:
     """`evaluate` on every benchmark of `data_roots` (benchmark -> data root) whose root
     exists, each on `splits[benchmark]` (default `DEFAULT_SPLITS`) with
-    `settings[benchmark]`; benchmarks without a root are skipped and `log` says so."""
-    results = {}
-    for benchmark in BENCHMARKS:
-        root = data_roots.get(benchmark)
-        if root is None or not Path(root).is_dir():
-            where = "no data root given" if root is None else f"{root} does not exist"
-            log(f"skipping {benchmark}: {where}")
-            continue
-        split = (splits or {}).get(benchmark, DEFAULT_SPLITS[benchmark])
-        results[benchmark] = evaluate(
+    `settings[benchmark]`. Benchmarks without a root, or without the split asked for, are
+    skipped and `log` says so, all before the first evaluation starts."""
+    plan = plan_benchmarks(data_roots, splits, log)
+    return {
+        benchmark: evaluate(
             benchmark,
             retriever,
             model_key,
-            Path(root),
+            root,
             split,
             (settings or {}).get(benchmark, {}),
             cache_dir,
@@ -563,7 +627,30 @@ def evaluate_all(
             model=model,
             gpu=gpu,
         )
-    return results
+        for benchmark, (root, split) in plan.items()
+    }
+
+
+def plan_benchmarks(
+    data_roots: Mapping[str, Path],
+    splits: Mapping[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, tuple[Path, str]]:
+    """Benchmark -> (data root, split) of the benchmarks `evaluate_all` runs; `log` says
+    why each other one is skipped (no split of that name, no root given, or absent)."""
+    plan = {}
+    for benchmark in BENCHMARKS:
+        split = (splits or {}).get(benchmark, DEFAULT_SPLITS[benchmark])
+        root = data_roots.get(benchmark)
+        if split not in SPLITS[benchmark]:
+            known = ", ".join(SPLITS[benchmark])
+            log(f"skipping {benchmark}: it has no split {split!r} (its splits: {known})")
+        elif root is None or not Path(root).is_dir():
+            where = "no data root given" if root is None else f"{root} does not exist"
+            log(f"skipping {benchmark}: {where}")
+        else:
+            plan[benchmark] = (Path(root), split)
+    return plan
 
 
 # the command ------------------------------------------------------------------
@@ -600,6 +687,34 @@ def _setting_value(raw: str) -> Any:
         return raw
 
 
+def check_split_choice(benchmarks: Sequence[str], split: str | None) -> None:
+    """Refuse, before any work, a `split` that none of `benchmarks` has (one benchmark:
+    that it lacks); with several, the others are skipped later (`plan_benchmarks`)."""
+    if split is None or any(split in SPLITS[name] for name in benchmarks):
+        return
+    known = "; ".join(f"{name}: {', '.join(SPLITS[name])}" for name in benchmarks)
+    raise ValueError(f"no benchmark has split {split!r} (splits: {known})")
+
+
+def retriever_placement(
+    kind: str, device: str | None, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The retriever's loading `options` with the device and dtype resolved: `device`
+    (or the options' own) defaults to `auto` (cuda when available); the dtype defaults to
+    `auto` (float16 on cuda) for the MLLM and float32 for CLIP. Resolved names, not
+    `auto`, go to the loader and the cache key, so a cache entry says what computed it."""
+    from megapairs.models.common import resolve_placement
+
+    given = dict(options or {})
+    wanted_device = device or given.get("device") or "auto"
+    default_dtype = "auto" if kind == "mmret-mllm" else "float32"
+    torch_device, torch_dtype = resolve_placement(
+        str(wanted_device), str(given.get("dtype") or default_dtype)
+    )
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    return {**given, "device": str(torch_device), "dtype": dtype_name}
+
+
 def run_eval_command(
     benchmark: str,
     model: str,
@@ -616,23 +731,26 @@ def run_eval_command(
     retriever_options: Mapping[str, Any] | None = None,
 ) -> int:
     """`megapairs eval`: build the `kind` retriever from `model` (with `device` and
-    `retriever_options`), evaluate it on `benchmark` read from `data_root`, or with
-    `all` on every `<data_root>/<benchmark>` folder that exists (the others are skipped,
-    and `echo` says so), each on `split` or its default split. Writes results JSON,
-    submissions and `table.md` into `output`; prints (`echo`) the paper's Table 1 layout
-    with our row, then every metric. `overrides` are `--set key=value` loader settings
-    (`parse_settings`). Returns the exit code, 0; errors raise (BenchmarkDataError,
-    ValueError, OSError) with messages meant for the user."""
+    `retriever_options`; `auto` placement by default, see `retriever_placement`),
+    evaluate it on `benchmark` read from `data_root`, or with `all` on every
+    `<data_root>/<benchmark>` folder that exists (the others are skipped, and `echo`
+    says so), each on `split` or its default split. With `all`, benchmarks without
+    `split` are skipped and said so; a split that none has is refused before any work.
+    Writes results JSON, submissions and `table.md` into `output`; prints (`echo`) the
+    paper's Table 1 layout with our row, then every metric. `overrides` are `--set
+    key=value` loader settings (`parse_settings`). Returns the exit code, 0; errors
+    raise (BenchmarkDataError, ValueError, OSError) with messages meant for the user."""
     from megapairs.evaluation.tables import details_markdown, table1_markdown
     from megapairs.models.base import build_retriever
 
     benchmarks = list(BENCHMARKS) if benchmark == "all" else [benchmark]
     for name in benchmarks:
         _adapter(name)
+    check_split_choice(benchmarks, split)
     settings = parse_settings(overrides, benchmarks)
-    options = {**(retriever_options or {}), **({} if device is None else {"device": device})}
+    options = retriever_placement(kind, device, retriever_options)
     retriever = build_retriever(kind, model, **options)
-    key = checkpoint_key(model) + (f"?{json.dumps(options, sort_keys=True)}" if options else "")
+    key = checkpoint_key(model) + f"?{json.dumps(options, sort_keys=True)}"
     common: dict[str, Any] = {"model": {"kind": kind, "path": model, "options": options}}
     if benchmark == "all":
         splits = dict.fromkeys(benchmarks, split) if split else None

@@ -21,7 +21,9 @@ A checkpoint is a standard transformers CLIP folder (config + weights + image
 processor + tokenizer): `save_pretrained` writes exactly that, so it also loads
 with plain `transformers.CLIPModel.from_pretrained`, and a released BGE-VL CLIP
 checkpoint (a CLIP config and weights) loads here unchanged. Any plain CLIP
-checkpoint loads too: that is the zero-shot `clip` baseline.
+checkpoint loads too: that is the zero-shot `clip` baseline. Beside the CLIP files
+`save_pretrained` writes `mmret_clip.json` (which plain CLIP loading ignores): the task
+instruction the model was trained with, which `encode_queries` uses when given none.
 
 Images go through transformers' PIL-backed CLIP image processor
 (`CLIPImageProcessorPil` in transformers 5, the slow `CLIPImageProcessor` before):
@@ -32,8 +34,10 @@ CLIP-L/14, as in the paper).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +49,7 @@ from megapairs.models.common import (
     CheckpointKind,
     PathLike,
     encode_in_batches,
+    read_settings,
     resolve_placement,
     user_items,
 )
@@ -67,6 +72,8 @@ CLIP_CHECKPOINT = CheckpointKind(
         "(as MMRetCLIP.save_pretrained writes them)"
     ),
 )
+SETTINGS_FILE = "mmret_clip.json"
+"""What `save_pretrained` writes beside the CLIP files: the task instruction."""
 
 
 class MMRetCLIP(torch.nn.Module):
@@ -75,7 +82,9 @@ class MMRetCLIP(torch.nn.Module):
     Tensor-level methods (`image_embeddings`, `text_embeddings`,
     `composed_embeddings`, `forward`) are differentiable and meant for training;
     `encode`, `encode_queries` and `encode_candidates` take user inputs and run
-    without gradients. Every embedding is float32 with unit rows."""
+    without gradients. Every embedding is float32 with unit rows. `task_instruction` is
+    the instruction the model was trained with (None: none), the default of
+    `encode_queries`."""
 
     def __init__(
         self,
@@ -84,12 +93,14 @@ class MMRetCLIP(torch.nn.Module):
         tokenizer: Any,
         name: str = "mmret-clip",
         max_text_length: int | None = None,
+        task_instruction: str | None = None,
     ) -> None:
         super().__init__()
         self.clip = clip
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.name = name
+        self.task_instruction = task_instruction
         self.max_text_length = text_max_length(tokenizer, clip.config.text_config, max_text_length)
 
     # loading and saving ------------------------------------------------------
@@ -108,7 +119,8 @@ class MMRetCLIP(torch.nn.Module):
 
         `device` may be `auto` (cuda when available); `dtype` `auto` is float16 on
         cuda and float32 elsewhere. `max_text_length` defaults to the longest text
-        the model reads. Raises OSError naming the checkpoint when it cannot be
+        the model reads. The task instruction comes from the folder's `mmret_clip.json`
+        (None without one). Raises OSError naming the checkpoint when it cannot be
         loaded, ValueError when it is not a complete CLIP checkpoint."""
         source = os.fspath(name_or_path)
         torch_device, torch_dtype = resolve_placement(device, dtype)
@@ -117,15 +129,24 @@ class MMRetCLIP(torch.nn.Module):
             image_processor = load_clip_image_processor(source)
             tokenizer = _load_tokenizer(source)
         clip = clip.to(device=torch_device, dtype=torch_dtype).eval()
+        settings = read_settings(Path(source) / SETTINGS_FILE)
         return cls(
-            clip, image_processor, tokenizer, name or f"mmret-clip:{source}", max_text_length
+            clip,
+            image_processor,
+            tokenizer,
+            name or f"mmret-clip:{source}",
+            max_text_length,
+            task_instruction=settings.get("task_instruction"),
         )
 
     def save_pretrained(self, path: PathLike) -> None:
-        """Write config, weights, image processor and tokenizer: a standard CLIP folder."""
+        """Write a standard CLIP folder (config, weights, image processor, tokenizer) and
+        `mmret_clip.json` (the task instruction)."""
         self.clip.save_pretrained(path)
         self.image_processor.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        settings = {"kind": "mmret-clip", "task_instruction": self.task_instruction}
+        (Path(path) / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
     @property
     def device(self) -> torch.device:
@@ -248,7 +269,10 @@ class MMRetCLIP(torch.nn.Module):
         """Embed queries; a task `instruction` is prepended to each query text
         (`"{instruction} {text}"`), and stands as the text of image-only queries,
         which then become composed (image, instruction) items, as in UniIR's
-        instruction-following queries. Without an instruction this is `encode`."""
+        instruction-following queries. `instruction` None is the model's
+        `task_instruction`; without any ("" or neither) this is `encode`."""
+        if instruction is None:
+            instruction = self.task_instruction
         if instruction and instruction.strip():
             texts = _with_instruction(instruction.strip(), images, texts)
         return self.encode(images, texts)

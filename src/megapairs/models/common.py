@@ -5,12 +5,14 @@
 - `CheckpointKind`: a transformers checkpoint checked by its config's `model_type`,
   loaded with every weight present, and load errors that say what to do;
 - `user_items` and `encode_in_batches`: user inputs as checked lists, embedded batch
-  by batch without gradients in eval mode (`eval_mode`, `slice_or_none`).
+  by batch without gradients in eval mode (`eval_mode`, `slice_or_none`);
+- `read_settings`: the small JSON file a retriever saves beside its weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -119,6 +121,19 @@ class CheckpointKind:
 
 
 # encoding user inputs ---------------------------------------------------------
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`, {} when there is no such file; ValueError when unreadable."""
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {str(path)!r}: {err}") from err
+    if not isinstance(settings, dict):
+        raise ValueError(f"{str(path)!r} does not hold a JSON object")
+    return settings
 
 
 def user_items(

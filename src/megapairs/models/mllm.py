@@ -66,6 +66,7 @@ from megapairs.models.common import (
     CheckpointKind,
     PathLike,
     encode_in_batches,
+    read_settings,
     resolve_placement,
     user_items,
 )
@@ -83,7 +84,8 @@ Instructions = str | Sequence[str]
 DEFAULT_IMAGE_SIZE = 512
 """The paper's fixed image resolution (Appendix B)."""
 SETTINGS_FILE = "mmret_mllm.json"
-"""What `save_pretrained` writes beside the weights: image size and prompt format."""
+"""What `save_pretrained` writes beside the weights: image size, prompt format and the
+task instruction the model was trained with."""
 VISION_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 LANGUAGE_LORA_MODULES = (
     "q_proj",
@@ -193,7 +195,9 @@ class MMRetMLLM(torch.nn.Module):
 
     Tensor-level methods (`embed`, `forward`) are differentiable and meant for training;
     `encode`, `encode_queries` and `encode_candidates` take user inputs and run without
-    gradients. Every embedding is float32 with unit rows, of size `dim`."""
+    gradients. Every embedding is float32 with unit rows, of size `dim`. `task_instruction`
+    is the instruction the model was trained with (None: none), the default of
+    `encode_queries`."""
 
     def __init__(
         self,
@@ -203,6 +207,7 @@ class MMRetMLLM(torch.nn.Module):
         image_size: int = DEFAULT_IMAGE_SIZE,
         prompt: PromptFormat | None = None,
         name: str = "mmret-mllm",
+        task_instruction: str | None = None,
     ) -> None:
         super().__init__()
         if image_size < 1:
@@ -212,6 +217,7 @@ class MMRetMLLM(torch.nn.Module):
         self.image_size = image_size
         self.prompt = prompt or PromptFormat()
         self.name = name
+        self.task_instruction = task_instruction
         self.eos_token = _eos_token(processor.tokenizer)
         self.image_token = str(processor.image_token)
 
@@ -237,12 +243,13 @@ class MMRetMLLM(torch.nn.Module):
         folder the saved adapter is loaded on its base (`base_model` overrides the base
         named in `adapter_config.json`): `lora=True` keeps it trainable, False merges it.
         `image_size` and `prompt` default to the folder's saved ones, else 512 px and the
-        paper's format. `device` may be `auto`; `dtype` `auto` is float16 on cuda.
+        paper's format; `task_instruction` is the folder's saved one (else None). `device`
+        may be `auto`; `dtype` `auto` is float16 on cuda.
         Raises OSError naming the checkpoint when it cannot be loaded, ValueError when it
         is not a LLaVA-NeXT checkpoint."""
         source = _local_or_hub(name_or_path)
         torch_device, torch_dtype = resolve_placement(device, dtype)
-        settings = _read_settings(source)
+        settings = read_settings(Path(source) / SETTINGS_FILE)
         adapter = _adapter_config(source)
         base = _local_or_hub(base_model) if base_model else _adapter_base(adapter, source)
         with LLAVA_NEXT_CHECKPOINT.loading(base):
@@ -256,11 +263,13 @@ class MMRetMLLM(torch.nn.Module):
             image_size=image_size or settings.get("image_size") or DEFAULT_IMAGE_SIZE,
             prompt=prompt or PromptFormat(**settings.get("prompt", {})),
             name=name or f"mmret-mllm:{source}",
+            task_instruction=settings.get("task_instruction"),
         )
 
     def save_pretrained(self, path: PathLike) -> None:
         """Write the LoRA adapter (or, without adapters, the whole model), the processor
-        and `mmret_mllm.json`; `from_pretrained(path)` loads it back."""
+        and `mmret_mllm.json` (image size, prompt format, task instruction);
+        `from_pretrained(path)` loads it back."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(folder)
@@ -269,6 +278,7 @@ class MMRetMLLM(torch.nn.Module):
             "kind": "mmret-mllm",
             "image_size": self.image_size,
             "prompt": asdict(self.prompt),
+            "task_instruction": self.task_instruction,
         }
         (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -424,8 +434,11 @@ class MMRetMLLM(torch.nn.Module):
         texts: TextsInput | None,
         instruction: str | None = None,
     ) -> torch.Tensor:
-        """Embed queries in the query format (`instruction` None stands for "")."""
-        return self.encode(images, texts, instruction=instruction or "")
+        """Embed queries in the query format; `instruction` None is the model's
+        `task_instruction` ("" when it has none)."""
+        if instruction is None:
+            instruction = self.task_instruction or ""
+        return self.encode(images, texts, instruction=instruction)
 
     def encode_candidates(
         self, images: ImagesInput | None, texts: TextsInput | None
@@ -498,17 +511,6 @@ def _local_or_hub(name_or_path: PathLike) -> str:
     is), anything else unchanged (a hub name)."""
     path = Path(name_or_path)
     return str(path.resolve()) if path.is_dir() else os.fspath(name_or_path)
-
-
-def _read_settings(source: str) -> dict[str, Any]:
-    path = Path(source) / SETTINGS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        settings: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {str(path)!r}: {err}") from err
-    return settings
 
 
 def _adapter_config(source: str) -> Any | None:

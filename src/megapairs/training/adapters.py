@@ -16,7 +16,8 @@ image. MMRet-MLLM: a query is `<instruct>{task instruction} <query>{instruction}
 EOS and a candidate `<image>` + EOS (`MMRetMLLM.preprocess_queries` / `_candidates`), the
 sampled instruction standing as the query text. `model.task_instruction` is the MLLM's
 task instruction; for CLIP, when set, it is put before each instruction, as
-`MMRetCLIP.encode_queries` does at search time.
+`MMRetCLIP.encode_queries` does at search time. Either model keeps it as its
+`task_instruction` (saved with it, and the default of its `encode_queries`).
 
 `ContrastiveModule` wraps an adapter as the one `nn.Module` that accelerate prepares (DDP,
 autocast): its forward embeds queries and/or candidates, so a plain step is one forward
@@ -100,6 +101,11 @@ class TrainingAdapter(ABC):
     def embed_candidates(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Differentiable (n, d) unit rows of (a chunk of) `TrainBatch.candidates`."""
 
+    @property
+    def reserved_tokens(self) -> tuple[str, ...]:
+        """Tokens an instruction must not hold (a row with one is skipped)."""
+        return ()
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates (those that require gradients)."""
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -116,12 +122,15 @@ def build_adapter(
     settings: ModelSettings, source: str | None = None, device: str | torch.device = "cpu"
 ) -> TrainingAdapter:
     """The adapter of `settings.kind`, its model loaded from `source` (default
-    `settings.name_or_path`) onto `device`, in training mode."""
+    `settings.name_or_path`) onto `device`, in training mode, its `task_instruction` the
+    one it is trained with (so that saving stores it)."""
     if not (source or settings.name_or_path):
         raise ValueError("model.name_or_path is empty: name a checkpoint to train from")
     adapter_class: Any = ADAPTERS.get(settings.kind)
     adapter: TrainingAdapter = adapter_class.load(source or settings.name_or_path, settings, device)
-    adapter.model.train()
+    model: Any = adapter.model
+    model.task_instruction = settings.task_instruction or None
+    model.train()
     return adapter
 
 
@@ -271,6 +280,12 @@ class MLLMAdapter(TrainingAdapter):
     @property
     def collator(self) -> Callable[[list[TrainSample]], TrainBatch]:
         return partial(mllm_batch, self.model, self.settings.task_instruction)
+
+    @property
+    def reserved_tokens(self) -> tuple[str, ...]:
+        """The processor's image token: in an instruction it would misplace image features."""
+        model: Any = self.model
+        return (model.image_token,)
 
     def embed_queries(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.model.embed(inputs)  # type: ignore[operator]

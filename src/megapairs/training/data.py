@@ -1,9 +1,11 @@
 """Training triplets: rows of MegaPairs-schema files -> loaded samples, in a resumable order.
 
 Rows come from Parquet or JSONL files with the released columns `q_img`, `q_text`, `t_img`,
-`hns` (our export's extra columns are ignored). Relative image paths are resolved against
-`image_root`, by default each dataset's folder (or the `image_root` its dataset_info.json
-names), as `megapairs.dataset.validate` does; absolute paths are kept.
+`hns` (our export's extra columns are ignored); `hns` may be absent or null when the negative
+strategy does not read it (`none`, `query_image`). A file without a column the run needs is
+refused when it is read. Relative image paths are resolved against `image_root`, by
+default each dataset's folder (or the `image_root` its dataset_info.json names), as
+`megapairs.dataset.validate` does; absolute paths are kept.
 
 Order: process `rank` of `world_size` reads an endless stream of rows, epoch after epoch:
 epoch e is `permutation(e)[rank::world_size]`, the permutation of all rows drawn from
@@ -11,14 +13,17 @@ epoch e is `permutation(e)[rank::world_size]`, the permutation of all rows drawn
 [k * B, (k + 1) * B) (a batch may run across an epoch's end), so the data position a
 checkpoint stores is one number, the index of the next batch, and a restored run reads
 exactly the batches an uninterrupted one would. Batches loaded ahead by DataLoader
-workers do not move it; only batches handed to the trainer do.
+workers do not move it; only batches handed to the trainer do. B may not exceed a
+process's share of an epoch (else a batch would repeat rows, a positive becoming its own
+in-batch negative).
 
 Per row and epoch, `random.Random(f"{seed}:{epoch}:{row}")` draws the instruction (one of
 `q_text`) and then the negatives (`select_negatives`), so a row's sample depends only on
 (seed, epoch, row), never on workers or timing.
 
 A row whose images cannot be loaded (missing file, corrupt, truncated, not an image, ...), or
-that lacks an instruction or the negatives its strategy needs, is skipped, never a crash:
+that lacks an instruction or the negatives its strategy needs, or whose instructions hold a
+token the model reserves (MMRet-MLLM's image token), is skipped, never a crash:
 it is counted by reason, logged (the first few per reason), and replaced by a row drawn
 from a generator seeded with (seed, rank, batch index), so every batch has exactly B
 queries (DDP ranks and gradient caching need equal batches) and stays a pure function of
@@ -53,7 +58,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from megapairs.corpus.images import ImageRejected
 from megapairs.dataset.validate import dataset_files, default_image_root
 from megapairs.models.inputs import load_image
-from megapairs.training.negatives import NegativeStrategy, select_negatives
+from megapairs.training.negatives import (
+    NegativeStrategy,
+    select_negatives,
+    uses_hard_negatives,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +82,7 @@ LARGE_TRIPLET_SCHEMA = pa.schema(
         ("hns", pa.large_list(pa.large_string())),
     ]
 )
+ALL_COLUMNS = tuple(TRIPLET_SCHEMA.names)
 LOGGED_SKIPS_PER_REASON = 10
 MAX_REPLACEMENTS = 1000  # unusable replacement rows tried per batch before giving up
 GLOB_CHARACTERS = frozenset("*?[")
@@ -122,22 +132,49 @@ def _expand(entry: str) -> list[Path]:
     return dataset_files(path)[0] if path.exists() else []
 
 
-def read_triplets(file: Path) -> pa.Table:
-    """The four released columns of a Parquet or JSONL file (other columns are ignored)."""
+def required_columns(strategy: NegativeStrategy | str) -> tuple[str, ...]:
+    """The columns a run with negative `strategy` reads: `hns` only for mined negatives."""
+    if uses_hard_negatives(strategy):
+        return ALL_COLUMNS
+    return tuple(name for name in ALL_COLUMNS if name != "hns")
+
+
+def read_triplets(file: Path, required: Sequence[str] = ALL_COLUMNS) -> pa.Table:
+    """The four released columns of a Parquet or JSONL file (other columns are ignored); a
+    column not `required` may be absent (it reads as nulls). ValueError naming the file
+    and the column when a required one is absent (in JSONL: from every row)."""
     try:
-        if file.suffix == ".jsonl":
-            options = pa_json.ParseOptions(
-                explicit_schema=TRIPLET_SCHEMA, unexpected_field_behavior="ignore"
-            )
-            table = pa_json.read_json(file, parse_options=options)
-        else:
-            table = pq.read_table(file, columns=TRIPLET_SCHEMA.names)
-        return table.select(TRIPLET_SCHEMA.names).cast(TRIPLET_SCHEMA)
-    except (pa.ArrowException, KeyError) as err:
+        table, absent = _read_json(file) if file.suffix == ".jsonl" else _read_parquet(file)
+    except pa.ArrowException as err:
+        raise ValueError(f"cannot read training triplets from {file}: {err}") from err
+    missing = [name for name in required if name in absent]
+    if missing:
         raise ValueError(
-            f"cannot read training triplets from {file}: {err} "
-            f"(needs columns {', '.join(TRIPLET_SCHEMA.names)})"
-        ) from err
+            f"training data {file} has no {', '.join(map(repr, missing))} column "
+            f"(this run needs {', '.join(required)})"
+        )
+    return table.cast(TRIPLET_SCHEMA)
+
+
+def _read_json(file: Path) -> tuple[pa.Table, set[str]]:
+    """A JSONL file's four columns, and those that no row has (they read as nulls)."""
+    options = pa_json.ParseOptions(
+        explicit_schema=TRIPLET_SCHEMA, unexpected_field_behavior="ignore"
+    )
+    table = pa_json.read_json(file, parse_options=options).select(TRIPLET_SCHEMA.names)
+    empty = {name for name in TRIPLET_SCHEMA.names if table.column(name).null_count == len(table)}
+    return table, empty if len(table) else set()
+
+
+def _read_parquet(file: Path) -> tuple[pa.Table, set[str]]:
+    """A Parquet file's four columns (an absent one as nulls), and the absent ones."""
+    present = set(pq.read_schema(file).names)
+    absent = {name for name in TRIPLET_SCHEMA.names if name not in present}
+    table = pq.read_table(file, columns=[n for n in TRIPLET_SCHEMA.names if n in present])
+    for name in sorted(absent):
+        nulls = pa.nulls(table.num_rows, TRIPLET_SCHEMA.field(name).type)
+        table = table.append_column(TRIPLET_SCHEMA.field(name), nulls)
+    return table.select(TRIPLET_SCHEMA.names), absent
 
 
 class TripletTable:
@@ -145,34 +182,45 @@ class TripletTable:
 
     Arrow keeps the strings compact (no Python object per row, so forked DataLoader workers
     share the buffers instead of copying them on reference-count writes), and rows are
-    materialised only when asked for."""
+    materialised only when asked for. Every file must have the `required` columns
+    (`required_columns(strategy)`; all four by default)."""
 
-    def __init__(self, sources: Sequence[Source]) -> None:
-        tables = [read_triplets(source.file) for source in sources]
+    def __init__(self, sources: Sequence[Source], required: Sequence[str] = ALL_COLUMNS) -> None:
+        tables = [read_triplets(source.file, required) for source in sources]
         counts = [table.num_rows for table in tables]
         self.roots = [os.fspath(source.image_root) for source in sources]
         self._columns = _single_chunk_columns(tables)
         self._source_of_row = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
 
     @classmethod
-    def from_paths(cls, paths: Sequence[str], image_root: str | None = None) -> TripletTable:
-        return cls(find_sources(paths, image_root))
+    def from_paths(
+        cls,
+        paths: Sequence[str],
+        image_root: str | None = None,
+        required: Sequence[str] = ALL_COLUMNS,
+    ) -> TripletTable:
+        return cls(find_sources(paths, image_root), required)
 
     def __len__(self) -> int:
         return len(self._source_of_row)
 
     def __getitem__(self, row: int) -> Triplet:
-        """Row `row` with absolute image paths; ValueError when a value is null."""
+        """Row `row` with absolute image paths (null `hns`: none); ValueError when another
+        value is null."""
         values = {name: column[row].as_py() for name, column in self._columns.items()}
-        missing = [name for name, value in values.items() if value is None]
+        missing = [name for name, value in values.items() if value is None and name != "hns"]
         if missing:
             raise ValueError(f"null {', '.join(missing)}")
         root = self.roots[self._source_of_row[row]]
+
+        def resolved(path: str) -> str:
+            return os.path.normpath(os.path.join(root, path))
+
         return Triplet(
-            q_img=os.path.join(root, values["q_img"]),
+            q_img=resolved(values["q_img"]),
             q_text=list(values["q_text"]),
-            t_img=os.path.join(root, values["t_img"]),
-            hns=[os.path.join(root, path) for path in values["hns"] if path is not None],
+            t_img=resolved(values["t_img"]),
+            hns=[resolved(path) for path in values["hns"] or [] if path is not None],
         )
 
 
@@ -293,15 +341,23 @@ class TripletBatches(Dataset[LoadedBatch]):
         strategy: NegativeStrategy | str,
         num_negatives: int,
         collate: Callable[[list[TrainSample]], Any] | None = None,
+        reserved_tokens: Sequence[str] = (),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if batch_size > stream.share_size:
+            raise ValueError(
+                f"batch_size {batch_size} exceeds the {stream.share_size} training rows each "
+                f"of {stream.world_size} process(es) reads per epoch: a batch would repeat rows "
+                "(a positive becoming its own in-batch negative); lower batch_size or add data"
+            )
         self.rows = rows
         self.stream = stream
         self.batch_size = batch_size
         self.strategy = NegativeStrategy(strategy)
         self.num_negatives = num_negatives
         self.collate = collate
+        self.reserved_tokens = tuple(token for token in reserved_tokens if token)
 
     def __getitem__(self, index: int) -> LoadedBatch:
         samples: list[TrainSample] = []
@@ -325,13 +381,23 @@ class TripletBatches(Dataset[LoadedBatch]):
         instructions = [text for text in triplet.q_text if text and text.strip()]
         if not instructions:
             raise RowUnusable("no_instruction", f"q_text of {triplet.q_img!r} is empty")
+        self._check_reserved_tokens(instructions)
         instruction = rng.choice(instructions)
         try:
-            negatives = select_negatives(triplet.hns, self.strategy, self.num_negatives, rng)
+            negatives = select_negatives(
+                triplet.hns, self.strategy, self.num_negatives, rng, query_image=triplet.q_img
+            )
         except ValueError as err:
             raise RowUnusable("too_few_negatives", str(err)) from err
         images = _load_images([triplet.q_img, triplet.t_img, *negatives])
         return TrainSample(row, images[0], instruction, images[1:])
+
+    def _check_reserved_tokens(self, instructions: list[str]) -> None:
+        """RowUnusable when an instruction holds a token the model reserves."""
+        for text in instructions:
+            held = [token for token in self.reserved_tokens if token in text]
+            if held:
+                raise RowUnusable("reserved_token", f"instruction {text!r} holds {held[0]!r}")
 
     def _sample_or_skip(self, row: int, epoch: int, skipped: list[Skipped]) -> TrainSample | None:
         try:

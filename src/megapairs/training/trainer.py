@@ -2,7 +2,8 @@
 
 One process or many (`accelerate launch`, DDP): accelerate prepares the model
 (`ContrastiveModule`: device, DDP, autocast for `mixed_precision`) and the AdamW optimizer;
-the linear schedule (with optional warm-up) is stepped once per optimizer step. Each step
+the linear schedule (with optional warm-up) is stepped once per optimizer step (not after a
+step that fp16 loss scaling skipped for overflowing gradients). Each step
 reads `batch_size` queries per process (`BatchStream`), embeds them and their 1 + m
 candidates and minimises `InfoNCELoss` (candidates all-gathered across processes). With
 `chunk_size` > 0 the step is gradient-cached (`gradcache_step`, DDP gradients synchronised
@@ -19,6 +20,7 @@ Output folder:
     checkpoint-<step>/        every `save_every` steps and at the last step:
         model/                save_pretrained (the model class's from_pretrained loads it)
         optimizer.pt, scheduler.pt
+        scaler.pt             the fp16 gradient scaler's state (fp16 runs only)
         rng-<rank>.pt         python, numpy, torch and cuda generator states of each process
         data-<rank>.json      each process's stream position and skip counts
         trainer_state.json    step, world size, last loss, the whole config
@@ -60,13 +62,20 @@ from megapairs.training.adapters import (
     build_adapter,
 )
 from megapairs.training.config import TrainConfig
-from megapairs.training.data import BatchStream, RowStream, TripletBatches, TripletTable
+from megapairs.training.data import (
+    BatchStream,
+    RowStream,
+    TripletBatches,
+    TripletTable,
+    required_columns,
+)
 from megapairs.training.gradcache import chunk_inputs, gradcache_step
 from megapairs.training.losses import InfoNCELoss
 
 LOG_FILE = "log.jsonl"
 FINAL_FOLDER = "final"
 STATE_FILE = "trainer_state.json"
+SCALER_FILE = "scaler.pt"
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 TRAINING_RECORD = "megapairs_training.json"
 
@@ -224,7 +233,8 @@ class _TrainingRun:
             params = self.adapter.trainable_parameters()
             self.accelerator.clip_grad_norm_(params, self.config.optim.max_grad_norm)
         self.optimizer.step()
-        self.scheduler.step()
+        if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -285,6 +295,8 @@ class _TrainingRun:
             self.adapter.save(staging / "model")
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), staging / "scheduler.pt")
+            if self.accelerator.scaler is not None:
+                torch.save(self.accelerator.scaler.state_dict(), staging / SCALER_FILE)
             write_json(staging / STATE_FILE, self._state(step, loss))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -304,14 +316,23 @@ class _TrainingRun:
         }
 
     def restore(self, checkpoint: Path) -> None:
-        """Optimizer, scheduler, data position and RNG states of `checkpoint` (the model was
-        loaded from its `model/` folder)."""
+        """Optimizer, scheduler, fp16 gradient scaler, data position and RNG states of
+        `checkpoint` (the model was loaded from its `model/` folder)."""
         optimizer_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu")
         self.optimizer.load_state_dict(optimizer_state)  # moves its tensors to the parameters
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt"))
+        self._restore_scaler(checkpoint / SCALER_FILE)
         rank = self.accelerator.process_index
         self.batches.load_state_dict(json.loads((checkpoint / f"data-{rank}.json").read_text()))
         set_rng_states(torch.load(checkpoint / f"rng-{rank}.pt"))
+
+    def _restore_scaler(self, path: Path) -> None:
+        scaler = self.accelerator.scaler
+        if scaler is None:
+            return
+        if not path.is_file():
+            raise ValueError(f"{path.parent} has no {SCALER_FILE}: it cannot resume an fp16 run")
+        scaler.load_state_dict(torch.load(path))
 
     def save_final(self) -> Path:
         """The trained model in `final/` (written beside, then renamed over an old one)."""
@@ -400,7 +421,8 @@ def _cpu_processes() -> bool:
 
 
 def _batch_stream(config: TrainConfig, adapter: TrainingAdapter, accelerator: Any) -> BatchStream:
-    rows = TripletTable.from_paths(config.data.paths, config.data.image_root)
+    required = required_columns(config.data.negative_strategy)
+    rows = TripletTable.from_paths(config.data.paths, config.data.image_root, required)
     if not config.data.paths or not len(rows):
         raise ValueError("no training rows: set data.paths to MegaPairs-schema files")
     stream = RowStream(
@@ -413,6 +435,7 @@ def _batch_stream(config: TrainConfig, adapter: TrainingAdapter, accelerator: An
         config.data.negative_strategy,
         config.data.num_negatives,
         collate=adapter.collator,
+        reserved_tokens=adapter.reserved_tokens,
     )
     pin = accelerator.device.type == "cuda"
     return BatchStream(batches, num_workers=config.num_workers, pin_memory=pin)

@@ -11,6 +11,9 @@ Settings every loader takes:
   and examples; True evaluates without them instead (dropped, and the counts
   `missing_images`, `dropped_queries`, `dropped_gallery`, `dropped_candidates`
   recorded in the task's settings).
+- `instruction` (None): the task instruction every query carries
+  (`EvalQuery.instruction`), recorded in the results. None gives none, so the
+  retriever's own default applies (MMRet models use the one they were trained with).
 
 The benchmarks' layouts and settings are described in their modules: `circo`,
 `cirr`, `fashioniq`, `genecis`, `mmeb`.

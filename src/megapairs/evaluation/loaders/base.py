@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "check_images": True,
     # True: evaluate without missing images (dropped and counted in the task's settings).
     "allow_missing": False,
+    # The task instruction every query carries (EvalQuery.instruction). None: none is
+    # given, so the retriever's own default applies (the one it was trained with).
+    "instruction": None,
 }
 
 MISSING_EXAMPLES = 5
@@ -40,7 +43,11 @@ def resolve_settings(
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise ValueError(f"unknown {benchmark} settings {unknown}; known: {sorted(known)}")
-    return {**known, **given}
+    resolved = {**known, **given}
+    instruction = resolved["instruction"]
+    if instruction is not None and not isinstance(instruction, str):
+        raise ValueError(f"{benchmark} instruction should be a string or null: {instruction!r}")
+    return resolved
 
 
 def check_split(benchmark: str, split: str, splits: Sequence[str]) -> None:
@@ -265,25 +272,69 @@ def verify_images(
     check = ImageCheck()
     for image, where in required:
         check.ok(image, where)
+    kept = keep_images(queries, gallery, check.ok)
+    if check.missing and not settings["allow_missing"]:
+        raise BenchmarkDataError(check.report(source))
+    counts = {"missing_images": len(check.missing), **kept.counts}
+    return CheckedImages(kept.queries, kept.gallery, counts)
+
+
+def keep_images(
+    queries: Sequence[EvalQuery],
+    gallery: Sequence[Candidate],
+    ok: Callable[[ImageRef | None, str], bool],
+) -> CheckedImages:
+    """The queries and gallery items whose images pass `ok(image, where)`, dropped as
+    `verify_images` says; `counts` has `dropped_queries`, `_gallery` and `_candidates`."""
     kept_queries, dropped_candidates = [], 0
     for query in queries:
-        query_ok = check.ok(query.image, f"query {query.id!r} reference image")
+        query_ok = ok(query.image, f"query {query.id!r} reference image")
         where = f"query {query.id!r} candidate"
-        candidates = tuple(c for c in query.candidates if check.ok(c.image, f"{where} {c.id!r}"))
+        candidates = tuple(c for c in query.candidates if ok(c.image, f"{where} {c.id!r}"))
         first_ok = not query.candidates or candidates[:1] == query.candidates[:1]
         if query_ok and first_ok:
             dropped_candidates += len(query.candidates) - len(candidates)
             kept_queries.append(_with_candidates(query, candidates))
-    kept_gallery = tuple(c for c in gallery if check.ok(c.image, f"gallery item {c.id!r}"))
-    if check.missing and not settings["allow_missing"]:
-        raise BenchmarkDataError(check.report(source))
-    counts = {
-        "missing_images": len(check.missing),
+    kept_gallery = tuple(c for c in gallery if ok(c.image, f"gallery item {c.id!r}"))
+    counts: dict[str, int | None] = {
         "dropped_queries": len(queries) - len(kept_queries),
         "dropped_gallery": len(gallery) - len(kept_gallery),
         "dropped_candidates": dropped_candidates,
     }
     return CheckedImages(tuple(kept_queries), kept_gallery, counts)
+
+
+def drop_images(task: EvalTask, bad: Collection[ImageRef]) -> EvalTask:
+    """`task` without the items whose image is in `bad` (dropped as `verify_images` drops
+    missing ones), the counts added to its settings (`undecodable_images`, `dropped_*`)."""
+    refs = set(bad)
+
+    def ok(image: ImageRef | None, where: str) -> bool:
+        return image is None or image not in refs
+
+    kept = keep_images(task.queries, task.gallery, ok)
+    settings = dict(task.settings)
+    used = {image for query in task.queries for image in _images(query)}
+    used |= {item.image for item in task.gallery if item.image is not None}
+    settings["undecodable_images"] = len(refs & used)
+    for name, count in kept.counts.items():
+        settings[name] = (settings.get(name) or 0) + (count or 0)
+    if "gallery_size" in settings:
+        settings["gallery_size"] = len(kept.gallery)
+    return replace(task, queries=kept.queries, gallery=kept.gallery, settings=settings)
+
+
+def _images(query: EvalQuery) -> Iterator[ImageRef]:
+    if query.image is not None:
+        yield query.image
+    yield from (c.image for c in query.candidates if c.image is not None)
+
+
+def with_instruction(queries: Sequence[EvalQuery], instruction: str | None) -> list[EvalQuery]:
+    """`queries` carrying the `instruction` setting (unchanged when it is None)."""
+    if instruction is None:
+        return list(queries)
+    return [replace(query, instruction=instruction) for query in queries]
 
 
 def _with_candidates(query: EvalQuery, candidates: tuple[Candidate, ...]) -> EvalQuery:

@@ -14,7 +14,10 @@ folder is then detected. Query ids are the annotations' `id`; targets are
 `gt_img_ids` (the `target_img_id` first); `meta["semantic_aspects"]` keeps the
 aspect tags when present. The test split has no targets.
 
-The default query text is MagicLens' "find {shared_concept} but {relative_caption}".
+The default query text (`template`) is the MegaPairs paper's
+"find a picture that also {shared_concept}, but {relative_caption}", since our
+numbers are printed beside the paper's. MagicLens' form is the alternative
+`template="find {shared_concept} but {relative_caption}"` (`MAGICLENS_TEMPLATE`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from megapairs.evaluation.loaders.base import (
     resolve_path,
     resolve_settings,
     verify_images,
+    with_instruction,
 )
 from megapairs.evaluation.types import (
     BenchmarkDataError,
@@ -48,13 +52,15 @@ from megapairs.evaluation.types import (
 )
 
 SPLITS = ("val", "test")
+PAPER_TEMPLATE = "find a picture that also {shared_concept}, but {relative_caption}"
+MAGICLENS_TEMPLATE = "find {shared_concept} but {relative_caption}"
 GALLERY_SOURCES = ("image_info", "folder")
 DEFAULTS: dict[str, Any] = {
     "annotation_file": "annotations/{split}.json",
     "image_folder": "COCO2017_unlabeled/unlabeled2017",
     "gallery_source": "image_info",
     "image_info_file": "COCO2017_unlabeled/annotations/image_info_unlabeled2017.json",
-    "template": "find {shared_concept} but {relative_caption}",
+    "template": PAPER_TEMPLATE,
 }
 IMAGE_NAME = re.compile(r"^(\d{12})\.jpg$")
 
@@ -81,6 +87,7 @@ def load_circo(data_root: Path, split: str, settings: Mapping[str, Any]) -> list
     ]
     check_unique_ids(annotation_file, [query.id for query in queries])
     required = [] if images.strict else _target_images(queries, folder)
+    queries = with_instruction(queries, config["instruction"])
     checked = verify_images(queries, gallery, str(annotation_file), config, required)
     settings_record = recorded(
         config, data_root, annotation_file=annotation_file, gallery_size=len(checked.gallery)

@@ -32,6 +32,7 @@ from megapairs.evaluation.loaders.base import (
     resolve_path,
     resolve_settings,
     verify_images,
+    with_instruction,
 )
 from megapairs.evaluation.types import BenchmarkDataError, Candidate, EvalQuery, EvalTask, ImageRef
 
@@ -61,6 +62,7 @@ def load_cirr(data_root: Path, split: str, settings: Mapping[str, Any]) -> list[
         for entry in entries(captions_file, read_json(captions_file))
     ]
     check_unique_ids(captions_file, [query.id for query in queries], what="pairid")
+    queries = with_instruction(queries, config["instruction"])
     checked = verify_images(queries, gallery, str(captions_file), config)
     settings_record = recorded(
         config,

@@ -31,6 +31,7 @@ from megapairs.evaluation.loaders.base import (
     resolve_path,
     resolve_settings,
     verify_images,
+    with_instruction,
 )
 from megapairs.evaluation.types import BenchmarkDataError, Candidate, EvalQuery, EvalTask, ImageRef
 
@@ -77,6 +78,7 @@ def _category_task(
         _query(entry, split, config["template"], image, known, split_file)
         for entry in entries(captions_file, read_json(captions_file))
     ]
+    queries = with_instruction(queries, config["instruction"])
     checked = verify_images(queries, gallery, str(captions_file), config)
     settings_record = recorded(
         {**config, "category": category},

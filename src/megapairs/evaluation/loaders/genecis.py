@@ -8,8 +8,11 @@ Layout (the GeneCIS release; image folders as its config.py names them):
 
 Each entry is {reference, target, condition, gallery}; an image item is
 `{"val_image_id": int}` (COCO val2017) or `{"image_id": int, "instance_bbox":
-[x, y, w, h]}` (Visual Genome, cropped). One task per subtask file present (or
-per `subtasks` named). Candidates are `[target] + gallery`, so the correct one is
+[x, y, w, h]}` (Visual Genome, cropped). One task per subtask: all four are
+expected, and a missing file is an error unless `allow_missing` (the others are
+then evaluated) or `subtasks` names the ones to evaluate; either way the absent
+ones are recorded as `missing_subtasks`, and the headline average R@1 is only
+given when all four are present. Candidates are `[target] + gallery`, so the correct one is
 first; candidate ids are the image id (`"{image_id}:{x},{y},{w},{h}"` for a box),
 made unique per query with a `#k` suffix. Query ids are the entries' positions.
 
@@ -40,6 +43,7 @@ from megapairs.evaluation.loaders.base import (
     resolve_settings,
     unique_ids,
     verify_images,
+    with_instruction,
 )
 from megapairs.evaluation.types import BenchmarkDataError, Candidate, EvalQuery, EvalTask, ImageRef
 
@@ -52,7 +56,7 @@ TEMPLATES: dict[str, str] = {
     "change_object": "add {condition}",
 }
 DEFAULTS: dict[str, Any] = {
-    "subtasks": None,  # None: every subtask whose file is present
+    "subtasks": None,  # None: all four (a missing file is an error unless allow_missing)
     "annotation_file": "{subtask}.json",
     "coco_images": "coco/val2017",
     "vg_images": "visual_genome/VG_100K_all",
@@ -83,22 +87,31 @@ def _templates(given: Mapping[str, str]) -> dict[str, str]:
     return templates
 
 
-def _subtask_files(data_root: Path, config: Mapping[str, Any]) -> list[tuple[str, Path]]:
+def _subtask_files(data_root: Path, config: dict[str, Any]) -> list[tuple[str, Path]]:
+    """The subtasks to evaluate and their files; records `missing_subtasks` in `config`.
+
+    Without `subtasks` all four are expected: a missing file is an error (naming every
+    missing one) unless `allow_missing`. Named `subtasks` are evaluated as named (a
+    missing one fails when read), the others counted as missing."""
+
     def path(subtask: str) -> Path:
         return resolve_path(data_root, config["annotation_file"].format(subtask=subtask))
 
     named = config["subtasks"]
     if named is None:
-        present = [(s, path(s)) for s in SUBTASKS if path(s).is_file()]
-        if not present:
+        absent = [s for s in SUBTASKS if not path(s).is_file()]
+        if absent and (not config["allow_missing"] or len(absent) == len(SUBTASKS)):
             raise BenchmarkDataError(
-                f"{data_root}: no GeneCIS annotation file found (looked for "
-                f"{', '.join(str(path(s)) for s in SUBTASKS)})"
+                f"{data_root}: {len(absent)} of the {len(SUBTASKS)} GeneCIS annotation files "
+                f"are missing: {', '.join(str(path(s)) for s in absent)}. Pass "
+                "allow_missing=True or name the `subtasks` to evaluate the others (the "
+                "average R@1 needs all four)"
             )
-        return present
+        named = [s for s in SUBTASKS if s not in absent]
     named = (named,) if isinstance(named, str) else tuple(named)
     if not named or not set(named) <= set(SUBTASKS):
         raise ValueError(f"genecis subtasks should be some of {SUBTASKS}, got {named}")
+    config["missing_subtasks"] = [s for s in SUBTASKS if s not in named]
     return [(subtask, path(subtask)) for subtask in named]  # a missing file fails when read
 
 
@@ -112,6 +125,7 @@ def _subtask_task(
     )
     template = config["templates"][subtask]
     queries = [_query(entry, template, images) for entry in entries(path, read_json(path))]
+    queries = with_instruction(queries, config["instruction"])
     checked = verify_images(queries, (), str(path), config)
     settings_record = recorded(
         {**config, "subtask": subtask, "template": template}, data_root, annotation_file=path

@@ -18,7 +18,8 @@ MMEB-eval images.zip unpacked there). One task per dataset, `mmeb/{dataset}`;
 Query and candidate texts are the row's texts with the image token removed and
 whitespace stripped (None when nothing is left). The row's text is instruction
 and content in one string, which cannot be split reliably, so it all goes to
-`EvalQuery.text` and `instruction` stays None; the original is kept in
+`EvalQuery.text` and `instruction` stays None (unless the `instruction` setting
+gives one); the original is kept in
 `meta["raw_text"]` (with the token) for retrievers that place the image where
 the token was. Candidate ids hash (image path, text), so a candidate shared by
 many rows (a class name) has one id; query ids are row positions.
@@ -44,6 +45,7 @@ from megapairs.evaluation.loaders.base import (
     resolve_settings,
     unique_ids,
     verify_images,
+    with_instruction,
 )
 from megapairs.evaluation.types import BenchmarkDataError, Candidate, EvalQuery, EvalTask, ImageRef
 
@@ -126,6 +128,7 @@ def _dataset_task(
         _query(entry, str(position), folder, token)
         for position, entry in enumerate(entry for path in files for entry in _rows(path))
     ]
+    queries = with_instruction(queries, config["instruction"])
     checked = verify_images(queries, (), ", ".join(map(str, files)), config)
     meta_task, distribution = DATASETS.get(name, (None, None))
     settings_record = recorded(
