@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set annotate.backend=openai (repeatable)",
     )
+    demo.add_argument(
+        "--learn",
+        action="store_true",
+        help="then train a small CLIP from scratch on the exported triplets and evaluate it "
+        "before and after on a held-out composed-retrieval set (CPU: several minutes)",
+    )
     add_dataset_commands(commands)
     add_train_command(commands)
     add_eval_command(commands)
@@ -311,6 +317,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.config,
         progress=not args.quiet,
         overrides=args.overrides,
+        learn=args.learn,
     )
 
 

@@ -148,6 +148,16 @@ def dataset_check(run: RunDir) -> list[str]:
     return [f"dataset: {problem}" for problem in report.problems[:20]]
 
 
+def learn_step(run: RunDir, corpus: SceneCorpus, seed: int, progress: bool) -> list[str]:
+    """Train a small CLIP on the exported triplets and evaluate it, before and after, on a
+    held-out composed-retrieval set built from the corpus; returns check failures."""
+    from megapairs.demo.learn import format_learn_report, learn_checks, train_and_evaluate
+
+    report = train_and_evaluate(run, corpus.attributes_path, seed, progress)
+    print(format_learn_report(report))
+    return learn_checks(report)
+
+
 def run_demo(
     run_root: Path,
     images: int,
@@ -155,6 +165,7 @@ def run_demo(
     config_path: Path | None,
     progress: bool = True,
     overrides: list[str] | None = None,
+    learn: bool = False,
 ) -> int:
     """Generate the corpus, run every stage, print the summary; 0 when all checks hold."""
     started = time.perf_counter()
@@ -173,6 +184,8 @@ def run_demo(
     agreement = attribute_agreement(read_pairs(run), read_corpus(run), truth, seed)
     print(format_agreement(agreement))
     problems = accounting_errors(results) + reject_check(run, corpus) + dataset_check(run)
+    if learn:
+        problems += learn_step(run, corpus, seed, progress)
     for problem in problems:
         print(f"CHECK FAILED {problem}")
     print(f"demo: done in {time.perf_counter() - started:.0f} s; run directory {run.root}")
