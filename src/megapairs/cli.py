@@ -36,6 +36,13 @@ STEP_COMMANDS = {
 }
 
 
+def add_set_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """The repeatable `--set KEY=VALUE` option (collected in `args.overrides`)."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="run directory (created if new)")
     parser.add_argument(
@@ -44,14 +51,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         help="YAML config; default: the config stored in the run's manifest",
     )
     parser.add_argument("--input", help="corpus path (overrides input.path)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set mine.max_targets=5 (repeatable)",
-    )
+    add_set_option(parser, "override a config value, e.g. --set mine.max_targets=5 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -86,14 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--config", type=Path, help="config (default: the packaged demo.yaml)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set annotate.backend=openai (repeatable)",
-    )
+    add_set_option(demo, "override a config value, e.g. --set annotate.backend=openai (repeatable)")
     demo.add_argument(
         "--learn",
         action="store_true",
@@ -110,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print the resolved config")
     show.set_defaults(handler=cmd_config)
     show.add_argument("--config", type=Path)
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_option(show, "override a config value (repeatable)")
     return parser
 
 
@@ -153,14 +146,7 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--config", type=Path, required=True, help="training YAML config")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set steps=100 (repeatable)",
-    )
+    add_set_option(train, "override a config value, e.g. --set steps=100 (repeatable)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=cmd_train)
 
@@ -219,13 +205,9 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1 (default: auto)")
-    evaluate.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="benchmark setting, e.g. --set template='find {shared_concept} but "
+    add_set_option(
+        evaluate,
+        "benchmark setting, e.g. --set template='find {shared_concept} but "
         "{relative_caption}' (default: the paper's form), --set instruction='...', "
         "--set allow_missing=true (with all: circo.template=...)",
     )
