@@ -99,19 +99,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def report(corpus: dict[str, Any]) -> LearnReport:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # steadier on a shared 2-core machine
-    try:
-        return learn(
-            corpus["dataset"],
-            corpus["images"],
-            corpus["truth"],
-            corpus["root"] / "learn",
-            seed=0,
-            settings=SETTINGS,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    return learn(  # on one torch thread (LearnSettings.torch_threads)
+        corpus["dataset"],
+        corpus["images"],
+        corpus["truth"],
+        corpus["root"] / "learn",
+        seed=0,
+        settings=SETTINGS,
+    )
 
 
 def test_composed_queries_change_one_attribute_and_list_every_match() -> None:

@@ -90,6 +90,15 @@ ABLATION_TEMPLATE = "find a similar picture"  # the same text for every query: n
 INSTRUCTION = "find a similar picture but with {}"  # the template annotator's first wording
 REPORTED_METRICS = ("mAP@5", "mAP@10", "Recall@5", "Recall@10")
 NAN = float("nan")
+MODEL_SETTINGS = (  # the LearnSettings that shape the checkpoint
+    "image_size",
+    "patch_size",
+    "width",
+    "layers",
+    "heads",
+    "projection_dim",
+    "max_text_length",
+)
 LOSS_WINDOW = 10  # steps averaged for the first and last loss
 # Fewer held-out queries are too few to judge by: with 200 demo images (28-32 queries) the
 # untrained model's mAP@10 ranged 0.11-0.29 over three hold-out seeds, and the trained one
@@ -112,8 +121,11 @@ class LearnSettings:
     max_text_length: int = 32
     held_out_share: float = 0.3  # of the scenes that have a composed query
     steps: int = 200
-    # On 2 shared cores a DataLoader worker beside torch's threads slowed steps up to 6x,
-    # and gradient caching of a 32-query batch in one chunk only adds a forward pass.
+    # On 2 cores shared with other work, torch's two threads (or a DataLoader worker beside
+    # them) made steps up to 12x slower (2.5 s instead of 0.2 s); one thread ran 0.25 s.
+    # The losses are the same. Gradient caching of a 32-query batch in one chunk only adds a
+    # forward pass.
+    torch_threads: int = 1
     train_overrides: tuple[str, ...] = ("num_workers=0", "chunk_size=0")
 
 
@@ -201,7 +213,7 @@ def build_small_clip(
         "seed": seed,
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
-        "settings": {k: v for k, v in vars(settings).items() if k != "train_overrides"},
+        "settings": {k: v for k, v in vars(settings).items() if k in MODEL_SETTINGS},
     }
     write_json(folder / BUILD_RECORD, record)
     return folder
@@ -592,6 +604,17 @@ def prepare(
 
 
 @contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` torch threads, then restore the previous number."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
 def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
     """Add the block's wall time to `seconds[name]`."""
     started = time.perf_counter()
@@ -615,7 +638,7 @@ def learn(
     shutil.rmtree(folder, ignore_errors=True)
     seconds: dict[str, float] = {}
     evaluations = folder / EVAL_FOLDER
-    with loading_bars(progress), timed(seconds, "total"):
+    with loading_bars(progress), torch_threads(settings.torch_threads), timed(seconds, "total"):
         with timed(seconds, "prepare"):
             ready = prepare(dataset, images, truth, folder, seed, settings)
         with timed(seconds, "evaluate"):
