@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from machine import cpu_model
 from PIL import Image, ImageDraw
 
 from megapairs.config import ChannelConfig, EmbedConfig, PipelineConfig
@@ -216,16 +217,6 @@ class Row:
     @property
     def rate(self) -> float:
         return self.images / self.seconds
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def table(rows: list[Row]) -> str:

@@ -41,6 +41,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from machine import cpu_model
 from PIL import Image
 
 from megapairs.evaluation.cache import DECODE_WORKERS, GalleryCache, checkpoint_key, encode_items
@@ -294,14 +295,7 @@ def recall_at_k(exact: np.ndarray, found: np.ndarray) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpus = faiss.get_num_gpus()
     return (

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import cpu_model
 
 NEGATIVES = 4  # the paper's CLIP run: 1 positive + 4 hard negatives per query
 TEXT_LENGTH = 16  # tokens per instruction (random byte tokens)
@@ -218,16 +218,6 @@ def median(runs: list[Measurement]) -> Measurement:
         peak_mib=statistics.median(r.peak_mib for r in runs),
         step_s=statistics.median(r.step_s for r in runs),
     )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def report(
