@@ -13,6 +13,8 @@ caption words. Pass `answer=` to replace them.
 Faults are drawn per request from a RNG seeded by (seed, request body, how many times
 that body was seen), so a run's faults do not depend on thread timing, and a retried
 request gets a fresh draw. `Faults.rule(body)` may name a fault for chosen requests.
+`kill()` makes the server die as a crashed process does (connections refused, open ones
+dropped, requests in flight unanswered); `revive()` serves again on the same port.
 
 As a script (for the benchmark; prints the base URL on the first line, serves until killed):
     python tests/chat_server.py --port 0 --latency 0.2 --jitter 0.05 --error-rate 0.05 --seed 0
@@ -21,11 +23,13 @@ As a script (for the benchmark; prints the base URL on the first line, serves un
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
 import random
 import re
+import socket
 import sys
 import threading
 import time
@@ -108,6 +112,7 @@ class _Reply:
     delay: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     disconnect: bool = False
+    record: RecordedRequest | None = None  # the chat request this reply answers
 
 
 class ChatServer:
@@ -129,10 +134,13 @@ class ChatServer:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._requests: list[RecordedRequest] = []
+        self._answered: list[RecordedRequest] = []
+        self._dead = False
+        self._port: int | None = None  # of the last start, for `revive`
         self._seen: Counter[str] = Counter()
         self._in_flight = 0
         self.max_in_flight = 0
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # lifecycle
@@ -141,6 +149,7 @@ class ChatServer:
         httpd = _HTTPServer(self._address, _Handler)
         httpd.chat = self
         self._httpd = httpd
+        self._port = httpd.server_port
         self._stopping.clear()
         self._thread = threading.Thread(
             target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="chat-server"
@@ -156,6 +165,24 @@ class ChatServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+
+    def kill(self) -> None:
+        """Die as a crashed server does: new connections are refused, open ones dropped, and
+        requests received but not yet answered never are (`requests` keeps them)."""
+        with self._lock:
+            self._dead = True
+        httpd = self._httpd
+        self.stop()
+        if httpd is not None:
+            httpd.drop_connections()
+
+    def revive(self) -> str:
+        """Serve again, on the port of the last start; returns the base URL."""
+        with self._lock:
+            self._dead = False
+        if self._port is not None:
+            self._address = (self._address[0], self._port)
+        return self.start()
 
     def __enter__(self) -> ChatServer:
         self.start()
@@ -180,6 +207,12 @@ class ChatServer:
     def bodies(self) -> list[Body]:
         return [r.body for r in self.requests]
 
+    @property
+    def answered(self) -> list[RecordedRequest]:
+        """The chat requests whose reply was sent (a killed server's unanswered ones are not)."""
+        with self._lock:
+            return list(self._answered)
+
     def fault_counts(self) -> Counter[str]:
         """How many requests got each fault ("ok": none)."""
         return Counter(r.fault or "ok" for r in self.requests)
@@ -188,6 +221,7 @@ class ChatServer:
         """Forget recorded requests and the in-flight maximum (faults stay)."""
         with self._lock:
             self._requests.clear()
+            self._answered.clear()
             self.max_in_flight = self._in_flight
 
     # serving
@@ -212,13 +246,26 @@ class ChatServer:
         fault = faults.draw(body, rng)
         if fault == "unparseable" and is_describer_request(body):
             fault = None
+        record = RecordedRequest(body, headers, fault, time.time())
         with self._lock:
-            self._requests.append(RecordedRequest(body, headers, fault, time.time()))
+            if self._dead:
+                return _Reply(200, b"", disconnect=True)
+            self._requests.append(record)
         reply = _fault_reply(fault, body, headers, faults) if fault else None
         if reply is None:
             reply = _Reply(200, _completion_payload(body, self.answer(body)))
         reply.delay += faults.delay(rng) + (faults.hang if fault == "timeout" else 0.0)
+        reply.record = record
         return reply
+
+    def _delivering(self, reply: _Reply) -> bool:
+        """Whether to send `reply` (not when dead); counts a chat request as answered."""
+        with self._lock:
+            if self._dead:
+                return False
+            if reply.record is not None:
+                self._answered.append(reply.record)
+            return True
 
     def _rng(self, raw: bytes, seed: int) -> random.Random:
         digest = hashlib.sha256(raw).hexdigest()
@@ -237,6 +284,29 @@ class _HTTPServer(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 1024  # many clients connect at once
     chat: ChatServer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.connections: set[socket.socket] = set()  # open client connections
+        self.connections_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        """Shut every open connection, as the death of the server process would."""
+        with self.connections_lock:
+            connections = list(self.connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):  # already closed
+                connection.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that went away
@@ -269,11 +339,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 reply = chat._reply(raw, {k.lower(): v for k, v in self.headers.items()})
             chat._sleep(reply.delay)
-            if reply.disconnect:
+            if reply.disconnect or not chat._delivering(reply):
                 self.close_connection = True
             else:
                 self._send(reply)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # the client went away, or the server was killed
             self.close_connection = True
         finally:
             chat._leave()

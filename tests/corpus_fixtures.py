@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from megapairs.config import PipelineConfig
-from megapairs.corpus.ingest import IngestStage
+from megapairs.corpus.ingest import ingest_stages
 from megapairs.pipeline.runner import LocalRunner, StageResult
 from megapairs.runs import RunDir
 
@@ -160,5 +160,4 @@ def make_config(path: Path | str, **input_options: Any) -> PipelineConfig:
 def run_ingest(run_root: Path, config: PipelineConfig) -> StageResult:
     """Run the ingest stage over `run_root` with the local runner."""
     runner = LocalRunner(RunDir(run_root), config, progress=False)
-    [result] = runner.run_all([IngestStage(config)])
-    return result
+    return runner.run_all(ingest_stages(config))[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from corpus_fixtures import (
@@ -29,16 +30,23 @@ from megapairs.corpus.ingest import (
     PLAN_FILE,
     IngestStage,
     RejectedRecord,
-    SeenImages,
     ValidRecord,
-    assemble_part,
     clean_caption,
+    decode_part,
+    find_duplicates,
+    split_part,
     validate_record,
 )
 from megapairs.corpus.readers import SourceRecord
 from megapairs.corpus.store import read_corpus, read_part_images, read_rejects
 from megapairs.runs import RunDir
-from megapairs.schemas import CORPUS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA, record_id
+from megapairs.schemas import (
+    CORPUS_SCHEMA,
+    DECODED_SCHEMA,
+    IMAGES_SCHEMA,
+    REJECTS_SCHEMA,
+    record_id,
+)
 
 LIMITS = ImageLimits(min_side=16, max_pixels=100_000, max_bytes=1_000_000)
 
@@ -290,15 +298,17 @@ def test_rerun_skips_finished_parts_and_a_redone_part_is_identical(tmp_path):
     config = make_config(folder, shard_size=2, ingest={"store_images": "always"})
     first = run_ingest(tmp_path / "run", config)
     before = output_files(tmp_path / "run")
-    # corpus and rejects for 4 parts (a,b | c,d | e,f | zz_bad); images for the 2 that keep any
-    assert len(before) == 10
+    # decoded, corpus and rejects for 4 parts (a,b | c,d | e,f | zz_bad); images for the 2
+    # that keep any
+    assert len(before) == 14
 
     again = run_ingest(tmp_path / "run", config)
     assert (again.parts, again.computed) == (4, 0)
     assert again.counts == first.counts
 
-    (tmp_path / "run" / "_progress" / "ingest" / "part-00001.json").unlink()
-    for folder in ("corpus", "images"):
+    for stage in ("ingest", "ingest.decode"):
+        (tmp_path / "run" / "_progress" / stage / "part-00001.json").unlink()
+    for folder in ("decoded", "corpus", "images"):
         (tmp_path / "run" / folder / "part-00001.parquet").unlink()
     redone = run_ingest(tmp_path / "run", config)
     assert redone.computed == 1
@@ -362,13 +372,36 @@ def test_validate_record_passes_reader_errors_through_and_reads_files(tmp_path):
     assert isinstance(valid, ValidRecord) and valid.caption == "c" and valid.data == jpeg_bytes(1)
 
 
-def test_assemble_part_ignores_kept_ids_of_later_parts():
-    """A part redone after later parts finished must not call its images their duplicates."""
+def test_duplicates_keep_the_lowest_id_whatever_the_part_order():
+    """The reduce over all parts' digests does not depend on which part was decoded first."""
     valid = validate_record(SourceRecord("v", "u", data=png_bytes(1)), LIMITS)
-    assert isinstance(valid, ValidRecord)
-    seen = SeenImages()
-    seen.add(valid.pixel_sha256, record_id(5, 0))
-    tables = assemble_part([valid, valid], index=2, seen=seen, store_images="auto")
-    assert [row["id"] for row in tables.corpus] == [record_id(2, 0)]
-    assert tables.rejects[0]["duplicate_of"] == record_id(2, 0)
-    assert tables.images == [{"id": record_id(2, 0), "image": png_bytes(1)}]
+    other = validate_record(SourceRecord("w", "u", data=png_bytes(2)), LIMITS)
+    bad = RejectedRecord("x", "u", "corrupt", "broken")
+    parts = {
+        5: decode_part([valid], index=5, store_images="auto"),
+        2: decode_part([other, valid, valid, bad], index=2, store_images="auto"),
+    }
+    tables = [pa.Table.from_pylist(parts[i].rows, DECODED_SCHEMA) for i in (5, 2)]
+    forward, backward = (
+        find_duplicates(pa.concat_tables(tables)),
+        find_duplicates(pa.concat_tables(tables[::-1])),
+    )
+    assert forward.equals(backward)
+    keeper = record_id(2, 1)
+    assert forward.to_pylist() == [
+        {"id": record_id(2, 2), "duplicate_of": keeper},
+        {"id": record_id(5, 0), "duplicate_of": keeper},
+    ]
+    duplicates = dict(
+        zip(forward["id"].to_pylist(), forward["duplicate_of"].to_pylist(), strict=True)
+    )
+    corpus, rejects, dropped = split_part(tables[1], duplicates)
+    assert corpus["id"].to_pylist() == [record_id(2, 0), keeper]
+    assert dropped == {record_id(2, 2)}
+    assert [(r["reason"], r["duplicate_of"]) for r in rejects.to_pylist()] == [
+        ("duplicate", keeper),
+        ("corrupt", None),
+    ]
+    assert parts[2].images == [
+        {"id": record_id(2, i), "image": png_bytes(n)} for i, n in ((0, 2), (1, 1), (2, 1))
+    ]

@@ -1,7 +1,15 @@
-"""The neighbours stage: FAISS search against brute force, self exclusion, IVF recall,
-blocking, and the stage over a run directory (including resume)."""
+"""The neighbours stage: FAISS search against brute force, self exclusion, IVF recall
+(float32 and fp16 lists), blocking, and the stage over a run directory (the stage
+contract: prepare on the driver, setup per worker, resume)."""
 
 from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -19,8 +27,9 @@ from megapairs.neighbours.search import (
     resolve_gpu,
     search_neighbours,
 )
-from megapairs.neighbours.stage import IndexOutOfDate, NeighboursStage
+from megapairs.neighbours.stage import IndexOutOfDate, NeighboursStage, SearchState
 from megapairs.pipeline.runner import LocalRunner
+from megapairs.pipeline.stage import StageBase
 from megapairs.runs import RunDir, part_name
 from megapairs.schemas import NEIGHBOURS_SCHEMA, record_id
 
@@ -122,6 +131,39 @@ def test_list_batched_ivf_search_matches_faiss_search() -> None:
     want_scores, want_positions = index.search(vectors, 6)
     assert np.allclose(scores, want_scores, atol=1e-5)
     assert (positions == want_positions).mean() > 0.999  # BLAS rounding may swap near-ties
+
+
+SQ_FP16 = NeighboursConfig(k=10, exact_max=100, nprobe=8, ivf_storage="sq_fp16")
+
+
+def test_fp16_ivf_lists_halve_the_index_and_keep_recall() -> None:
+    vectors = clustered_unit(6000, 32, clusters=60, seed=7)
+    flat = build_index(vectors, SQ_FP16.model_copy(update={"ivf_storage": "flat"}), seed=0)
+    sq = build_index(vectors, SQ_FP16, seed=0)
+    assert isinstance(sq, faiss.IndexIVFScalarQuantizer) and sq.nlist == flat.nlist
+    saved = len(faiss.serialize_index(flat)) - len(faiss.serialize_index(sq))
+    assert saved >= 6000 * 32 * 2 - 1024  # 2 of float32's 4 bytes per value, less a header
+    exact_ids, _ = search_all(build_index(vectors, EXACT, seed=0), vectors, k=10, block=2048)
+    sq_ids, _ = search_all(sq, vectors, k=10, block=2048)
+    hits = sum(len(set(a) & set(b)) for a, b in zip(exact_ids, sq_ids, strict=True))
+    assert hits / (10 * len(vectors)) >= 0.95
+
+
+def test_list_batched_fp16_ivf_search_matches_faiss_search() -> None:
+    vectors = clustered_unit(2000, 16, clusters=20, seed=13)
+    index = build_index(vectors, SQ_FP16.model_copy(update={"nprobe": 3}), seed=0)
+    assert search.list_batched(index) and index.by_residual
+    scores, positions = search.search_by_list(index, vectors, 6)
+    want_scores, want_positions = index.search(vectors, 6)
+    assert np.allclose(scores, want_scores, atol=1e-5)
+    assert (positions == want_positions).mean() > 0.999
+
+
+def test_plan_records_the_ivf_storage() -> None:
+    sq = plan_index(5000, 8, NeighboursConfig(exact_max=10, ivf_storage="sq_fp16"))
+    assert sq.as_dict()["storage"] == "sq_fp16" and sq.kind == "ivf"
+    exact = plan_index(5000, 8, NeighboursConfig(ivf_storage="sq_fp16"))
+    assert exact.storage == "flat"  # exact search keeps float32 vectors
 
 
 def test_ivf_lists_with_fewer_than_k_candidates_give_short_lists() -> None:
@@ -252,3 +294,80 @@ def test_non_finite_vectors_are_reported_with_their_file(tmp_path) -> None:
 def test_unknown_channel_is_refused() -> None:
     with pytest.raises(ValueError, match="'text' is not in the config"):
         NeighboursStage(pipeline_config(), "text")
+
+
+def test_prepare_saves_the_index_and_setup_opens_it_without_rebuilding(
+    tmp_path, monkeypatch
+) -> None:
+    run, ids = embedded_run(tmp_path, clustered_unit(900, 16, clusters=9, seed=15), parts=3)
+    config = pipeline_config(exact_max=100, nprobe=4, ivf_storage="sq_fp16", engine="faiss")
+    neighbours = NeighboursStage(config, "img")
+    assert isinstance(neighbours, StageBase)
+    neighbours.prepare(run)
+    assert set(vars(neighbours)) == {"config", "channel"}  # nothing built is kept on self
+    shipped = pickle.loads(pickle.dumps(neighbours))  # as a runner ships it to workers
+    monkeypatch.setattr(stage, "build_index", lambda *a, **k: pytest.fail("rebuilt"))
+    shipped.prepare(run)  # the saved index matches: kept
+    state = shipped.setup(run)
+    assert isinstance(state, SearchState) and isinstance(state.index, faiss.IndexIVFScalarQuantizer)
+    assert (state.engine, state.on_gpu, state.index.nprobe) == ("faiss", False, 4)
+    assert np.array_equal(state.ids, ids)
+    info = json.loads((tmp_path / "neighbours/img/index.json").read_text())
+    assert (info["kind"], info["storage"], info["engine"]) == ("ivf", "sq_fp16", "faiss")
+
+
+def test_run_part_reports_progress_per_query_block(tmp_path) -> None:
+    run, _ = embedded_run(tmp_path, random_unit(230, 8, seed=16), parts=2)
+    neighbours = NeighboursStage(pipeline_config(query_block=50), "img")
+    neighbours.prepare(run)
+    reports: list[tuple[int, int]] = []
+    counts = neighbours.run_part(
+        run, part_name(0), neighbours.setup(run), lambda *done: reports.append(done)
+    )
+    assert reports == [(1, 3), (2, 3), (3, 3)]  # 115 queries in blocks of 50
+    assert counts == {
+        "queries": 115,
+        "neighbours": 115 * 6,
+        "short_lists": 0,
+        "gpu_parts": 0,
+        "engine": "faiss",
+    }
+    assert not run.is_done(neighbours.name, part_name(0))  # the runner writes markers
+
+
+def test_setup_without_a_prepared_index_is_refused(tmp_path) -> None:
+    run, _ = embedded_run(tmp_path, random_unit(20, 8, seed=17), parts=1)
+    with pytest.raises(FileNotFoundError, match=r"index\.json is missing"):
+        NeighboursStage(pipeline_config(), "img").setup(run)
+
+
+THREADED_SEARCH = """
+import sys
+import numpy as np
+from test_neighbours import clustered_unit
+from megapairs.config import NeighboursConfig
+from megapairs.neighbours.search import build_index, search_neighbours
+vectors = clustered_unit(3000, 512, 60, seed=11)
+index = build_index(vectors, NeighboursConfig(exact_max=10**6), seed=0, gpu=False)
+ids = np.arange(len(vectors), dtype=np.int64)
+found, scores = search_neighbours(index, vectors, ids, ids, k=20, block=1000)
+raw, _ = index.search(vectors, 21)
+np.savez(sys.argv[1], found=np.asarray(found.to_pylist()), scores=np.asarray(scores.to_pylist()),
+         raw=raw)
+"""
+
+
+def test_results_are_the_same_bits_whatever_the_blas_threads(tmp_path):
+    """A Ray worker with one CPU runs BLAS on one thread, the local runner on all: FAISS's
+    raw scores then differ in the last bit; the rescored neighbours must not."""
+    outputs = {}
+    for threads in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+        out = tmp_path / f"threads-{threads}.npz"
+        subprocess.run([sys.executable, "-c", THREADED_SEARCH, str(out)], env=env, check=True)
+        outputs[threads] = np.load(out)
+    one, two = outputs["1"], outputs["2"]
+    assert np.array_equal(one["found"], two["found"])
+    assert np.array_equal(one["scores"], two["scores"])  # bit for bit
+    np.testing.assert_allclose(one["raw"], two["raw"], atol=1e-5)

@@ -1,7 +1,9 @@
 """The local runner's contract: parts are skipped once done, a crash loses nothing,
 and a run directory refuses a changed config."""
 
+import pickle
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,10 @@ import pytest
 from megapairs.config import PipelineConfig
 from megapairs.pipeline.report import accounting_errors
 from megapairs.pipeline.runner import LocalRunner, StageConfigChanged, StageResult
+from megapairs.pipeline.stage import StageBase
 from megapairs.runs import RunDir, write_array
+
+PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper.yaml"
 
 
 class Crash(RuntimeError):
@@ -17,7 +22,7 @@ class Crash(RuntimeError):
 
 
 @dataclass
-class SquaresStage:
+class SquaresStage(StageBase):
     """Writes part-i.npy = squares of a range; crashes once on `crash_on`."""
 
     n_parts: int = 4
@@ -29,10 +34,7 @@ class SquaresStage:
     def plan(self, run):
         return [f"part-{i:05d}" for i in range(self.n_parts)]
 
-    def prepare(self, run):
-        pass
-
-    def run_part(self, run, part):
+    def run_part(self, run, part, state, progress):
         if part == self.crash_on:
             self.crash_on = None
             raise Crash(part)
@@ -95,3 +97,90 @@ def test_accounting_flags_records_that_went_missing():
     bad = StageResult("ingest", {"records": 5, "kept": 3, "rejected": 1}, 1, 1)
     assert accounting_errors([good]) == []
     assert "5 records in" in accounting_errors([bad])[0]
+
+
+@dataclass
+class CountingStage(SquaresStage):
+    """Squares that also records finalize calls and reports progress per value."""
+
+    finalized: list[dict] = field(default_factory=list)
+    reported: list[tuple[str, int, int]] = field(default_factory=list)
+    name: str = "counting"
+
+    def run_part(self, run, part, state, progress):
+        for done in range(1, 4):
+            progress(done, 3)
+        return super().run_part(run, part, state, progress)
+
+    def finalize(self, run, counts):
+        self.finalized.append(dict(counts))
+
+
+def test_finalize_runs_once_after_all_parts_with_every_parts_counts(tmp_path):
+    stage = CountingStage()
+    runner = LocalRunner(RunDir(tmp_path), PipelineConfig(), progress=True)
+    runner.run_all([stage])
+    assert len(stage.finalized) == 1
+    assert sorted(stage.finalized[0]) == [f"part-{i:05d}" for i in range(4)]
+    assert all(c == {"values": 10} for c in stage.finalized[0].values())
+
+
+def test_setup_builds_worker_state_once_per_process_and_stage(tmp_path):
+    built = []
+
+    @dataclass
+    class StatefulStage(SquaresStage):
+        def setup(self, run):
+            built.append(run.root)
+            return object()
+
+        def run_part(self, run, part, state, progress):
+            assert state is not None
+            return super().run_part(run, part, state, progress)
+
+    LocalRunner(RunDir(tmp_path), PipelineConfig(), progress=False).run_all([StatefulStage()])
+    assert built == [tmp_path]
+
+
+def test_stale_parts_lose_their_marker_before_they_are_recomputed(tmp_path):
+    run = RunDir(tmp_path)
+    seen_markers = []
+
+    @dataclass
+    class Reopening(SquaresStage):
+        def stale_parts(self, run):
+            return ["part-00001"]
+
+        def run_part(self, run, part, state, progress):
+            seen_markers.append((part, run.is_done(self.name, part)))
+            return super().run_part(run, part, state, progress)
+
+    LocalRunner(run, PipelineConfig(), progress=False).run_all([SquaresStage()])
+    result = LocalRunner(run, PipelineConfig(), progress=False).run_stage(Reopening())
+    assert seen_markers == [("part-00001", False)]
+    assert (result.parts, result.computed) == (4, 1)
+
+
+def test_every_pipeline_stage_pickles_before_setup(tiny_clip, tiny_dinov2):
+    """Stages are shipped to other processes: they hold only their config."""
+    from megapairs.config import load_config
+    from megapairs.pipeline.synthesize import build_stages
+
+    config = load_config(
+        PAPER,
+        [
+            f"channels.image_semantic.model={tiny_clip.path}",
+            f"channels.caption.model={tiny_clip.path}",
+            f"channels.image_pattern.model={tiny_dinov2.path}",
+        ],
+    )
+    stages = build_stages(config, progress=False)
+    assert [s.name for s in stages][:2] == ["ingest.decode", "ingest"]
+    for stage in stages:
+        clone = pickle.loads(pickle.dumps(stage))
+        assert clone.name == stage.name and clone.config == stage.config
+
+
+def test_accounting_checks_the_decode_step_too():
+    bad = StageResult("ingest.decode", {"records": 5, "valid": 3, "invalid": 1}, 1, 1)
+    assert accounting_errors([bad]) == ["ingest.decode: 5 records in, but 3 valid + 1 invalid = 4"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from megapairs import __version__
 from megapairs.config import ConfigError, PipelineConfig, load_config
+from megapairs.pipeline import RUNNERS
 
 EPILOG = """examples:
   megapairs demo                                       # offline demo, end to end
@@ -21,6 +22,8 @@ EPILOG = """examples:
   megapairs export --run runs/photos && megapairs validate runs/photos/dataset
   megapairs stats runs/photos
   megapairs summary --run runs/photos
+  megapairs synthesize --config configs/paper.yaml --input s3://corpus/shards/ \
+      --run s3://runs/paper --runner ray --ray-address auto     # on a Ray cluster
 A command re-run on the same --run resumes: finished parts are skipped.
 Set MEGAPAIRS_DEBUG=1 to see the full traceback of an error.
 """
@@ -44,7 +47,12 @@ def add_set_option(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, type=Path, help="run directory (created if new)")
+    parser.add_argument(
+        "--run",
+        required=True,
+        help="run directory (created if new): a local folder, or an object-store URL such as "
+        "s3://bucket/prefix (credentials and endpoint from the usual AWS_* variables)",
+    )
     parser.add_argument(
         "--config",
         type=Path,
@@ -53,6 +61,18 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", help="corpus path (overrides input.path)")
     add_set_option(parser, "override a config value, e.g. --set mine.max_targets=5 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="local",
+        help="where parts run: local (this process, default) or ray (a Ray cluster; "
+        "pip install 'megapairs[ray]'); the output is the same",
+    )
+    parser.add_argument(
+        "--ray-address",
+        help="Ray cluster to join with --runner ray: auto, host:port or ray://host:10001 "
+        "(default: start Ray on this machine)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(commands)
     add_eval_command(commands)
     summary = commands.add_parser("summary", help="print what a run holds")
-    summary.add_argument("--run", required=True, type=Path)
+    summary.add_argument("--run", required=True, help="run directory or object-store URL")
     summary.add_argument("--examples", type=int, default=5, help="example pairs to show")
     summary.set_defaults(handler=cmd_summary)
     show = commands.add_parser("config", help="print the resolved config")
@@ -116,9 +136,11 @@ def add_dataset_commands(commands: argparse._SubParsersAction) -> None:
         description="Check an exported dataset (or the released MegaPairs layout) and list "
         "each problem with its file and row number; exits 1 when there are problems.",
     )
-    validate.add_argument("dataset", type=Path, help="dataset folder or file (Parquet/JSONL)")
     validate.add_argument(
-        "--image-root", type=Path, help="root of relative image paths (default: the dataset folder)"
+        "dataset", help="dataset folder or file (Parquet/JSONL), local or an object-store URL"
+    )
+    validate.add_argument(
+        "--image-root", help="root of relative image paths (default: the dataset folder)"
     )
     validate.add_argument("--limit", type=int, default=50, help="problems to print")
     validate.set_defaults(handler=cmd_validate)
@@ -128,7 +150,9 @@ def add_dataset_commands(commands: argparse._SubParsersAction) -> None:
         description="Counts of a dataset folder, or of a run directory's dataset with its "
         "annotation failures.",
     )
-    stats.add_argument("path", type=Path, help="a run directory or a dataset folder/file")
+    stats.add_argument(
+        "path", help="a run directory or a dataset folder/file (local or an object-store URL)"
+    )
     stats.set_defaults(handler=cmd_stats)
 
 
@@ -243,10 +267,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from megapairs.dataset.stats import dataset_stats, format_stats
-    from megapairs.runs import RunDir
+    from megapairs.runs import RunDir, as_path
     from megapairs.schemas import DATASET_DIR
 
-    path: Path = args.path
+    path = as_path(args.path)
     is_run = (path / "manifest.json").exists()
     dataset = path / DATASET_DIR if is_run else path
     stats = dataset_stats(dataset, RunDir(path) if is_run else None)
@@ -279,13 +303,18 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
 
 def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> int:
     from megapairs.pipeline.report import print_stage_results
-    from megapairs.pipeline.runner import LocalRunner
+    from megapairs.pipeline.runner import build_runner
     from megapairs.pipeline.synthesize import build_stages
     from megapairs.runs import RunDir
 
+    if args.ray_address and args.runner != "ray":
+        raise ConfigError("--ray-address needs --runner ray")
     config = resolve_config(args)
-    runner = LocalRunner(RunDir(args.run), config, progress=not args.quiet)
-    results = runner.run_all(build_stages(config, steps, progress=not args.quiet))
+    run = RunDir(args.run)
+    runner = build_runner(args.runner, run, config, not args.quiet, args.ray_address)
+    # (model-loading bars of workers elsewhere would only clutter the driver's output)
+    inner_bars = not args.quiet and args.runner == "local"
+    results = runner.run_all(build_stages(config, steps, progress=inner_bars))
     return print_stage_results(results)
 
 

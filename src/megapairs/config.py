@@ -89,6 +89,11 @@ class NeighboursConfig(Section):
     train_size: int = Field(0, ge=0)
     query_block: int = Field(65_536, ge=1)
     gpu: Literal["auto", "never", "always"] = "auto"
+    # IVF list storage: float32 vectors (IndexIVFFlat) or fp16 scalar-quantised (half the memory)
+    ivf_storage: Literal["flat", "sq_fp16"] = "flat"
+    # search engine: FAISS; or an exact blocked torch matmul + top-k (fp16 on CUDA); auto:
+    # FAISS, except on CUDA without GPU FAISS, where the torch path runs on the GPU
+    engine: Literal["auto", "faiss", "torch"] = "auto"
 
 
 class MineConfig(Section):
@@ -103,11 +108,15 @@ class EndpointConfig(Section):
 
     The API key is read from the environment variable named by `api_key_env` when a
     request is sent; it is never stored in the config, the manifest or a log.
+    `base_url` is one server or a list of servers of the same model (the openai backend
+    spreads requests over them); a list of one is kept as that one string.
     """
 
     model: str = ""  # served model name (openai) or hub name / local path (hf)
-    base_url: str = "http://127.0.0.1:8000/v1"
+    base_url: str | tuple[str, ...] = "http://127.0.0.1:8000/v1"
     api_key_env: str = "OPENAI_API_KEY"
+    cooldown: float = Field(5.0, gt=0.0)  # seconds a failed server sits out; doubles per relapse
+    cooldown_max: float = Field(300.0, gt=0.0)  # cap of that cool-down
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(512, ge=1)
@@ -116,6 +125,24 @@ class EndpointConfig(Section):
     device: str = "auto"  # hf only
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # hf only
     batch_size: int = Field(8, ge=1)  # hf only: prompts per generate call
+
+    @field_validator("base_url")
+    @classmethod
+    def _urls(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        if isinstance(value, str):
+            return value
+        if not value:
+            raise ValueError("base_url is an empty list: name at least one server")
+        if any(not url.strip() for url in value):
+            raise ValueError("base_url lists an empty URL")
+        if len(set(value)) < len(value):
+            raise ValueError("base_url lists a server twice")
+        return value[0] if len(value) == 1 else value
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """The servers of this model, in config order (one or more)."""
+        return (self.base_url,) if isinstance(self.base_url, str) else self.base_url
 
 
 class AnnotateConfig(Section):
@@ -163,6 +190,17 @@ class ExportConfig(Section):
     jsonl: bool = True  # also write part-N.jsonl beside each Parquet shard
 
 
+class RunnerConfig(Section):
+    """How a runner spreads parts over workers (`--runner ray`); never changes the output."""
+
+    max_in_flight: int = Field(0, ge=0)  # parts submitted at once; 0: twice the workers
+    part_retries: int = Field(3, ge=0)  # re-runs of a part whose worker died
+    task_cpus: float = Field(1.0, gt=0.0)  # CPUs reserved per part task (CPU stages)
+    actor_cpus: float = Field(1.0, gt=0.0)  # CPUs per actor of a model stage (embed, hf)
+    actor_gpus: float = Field(-1.0, ge=-1.0)  # GPUs per actor; -1: 1 where the cluster has GPUs
+    actors: int = Field(0, ge=0)  # actors per model stage; 0: as many as resources allow
+
+
 class PipelineConfig(Section):
     """The whole synthesis pipeline's settings."""
 
@@ -175,6 +213,7 @@ class PipelineConfig(Section):
     mine: MineConfig = MineConfig()
     annotate: AnnotateConfig = AnnotateConfig()
     export: ExportConfig = ExportConfig()
+    runner: RunnerConfig = RunnerConfig()
 
     def enabled_channels(self) -> dict[str, ChannelConfig]:
         """The channels switched on, in config order."""

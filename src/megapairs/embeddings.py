@@ -4,11 +4,9 @@ read by the neighbours stage."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from megapairs.runs import RunDir, write_array
+from megapairs.runs import AnyPath, RunDir, read_array, write_array
 from megapairs.schemas import EMBEDDINGS_DIR
 
 # Embed settings that change the vectors (batch size and workers do not): part of the
@@ -43,17 +41,18 @@ def write_shard(run: RunDir, channel: str, part: str, ids: np.ndarray, vectors: 
     write_array(folder / f"{part}{VECTORS_SUFFIX}", l2_normalise(vectors).astype(np.float16))
 
 
-def ids_path(vectors_path: Path) -> Path:
+def ids_path(vectors_path: AnyPath) -> AnyPath:
     """The ids file beside a shard's vectors file (part-N.npy -> part-N.ids.npy)."""
     return vectors_path.with_name(vectors_path.name[: -len(VECTORS_SUFFIX)] + IDS_SUFFIX)
 
 
-def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, float16 vectors) of the shard whose vectors file is `path`."""
-    return np.load(ids_path(path)), np.load(path)
+def read_shard(path: AnyPath, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float16 vectors) of the shard whose vectors file is `path` (the vectors
+    memory-mapped with `mmap` when local)."""
+    return read_array(ids_path(path)), read_array(path, mmap=mmap)
 
 
-def shard_paths(run: RunDir, channel: str) -> list[Path]:
+def shard_paths(run: RunDir, channel: str) -> list[AnyPath]:
     """Vector files of the finished parts of a channel, in part order."""
     # part-N.ids.npy also matches the glob but is no finished part's name, so it drops out.
     return run.files(channel_folder(channel), embed_stage_name(channel), VECTORS_SUFFIX)
@@ -63,7 +62,7 @@ def load_channel(run: RunDir, channel: str) -> tuple[np.ndarray, np.ndarray]:
     """All ids and float32 vectors of a channel, concatenated in part order."""
     shards = [read_shard(p) for p in shard_paths(run, channel)]
     if not shards:
-        raise FileNotFoundError(f"no finished embeddings for channel {channel!r} in {run.root}")
+        raise FileNotFoundError(f"no finished embeddings for channel {channel!r} in {run.uri}")
     ids = np.concatenate([s[0] for s in shards])
     vectors = np.concatenate([s[1] for s in shards]).astype(np.float32)
     return ids, vectors

@@ -17,6 +17,7 @@ PART_STRIDE = 1_000_000
 CORPUS_DIR = "corpus"
 REJECTS_DIR = "rejects"
 IMAGES_DIR = "images"
+DECODED_DIR = "decoded"
 EMBEDDINGS_DIR = "embeddings"
 NEIGHBOURS_DIR = "neighbours"
 PAIRS_DIR = "pairs"
@@ -55,6 +56,16 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 IMAGES_SCHEMA = pa.schema([("id", pa.int64()), ("image", pa.binary())])
+
+# Every input record after decoding (ingest's first step), before duplicates are known:
+# the corpus columns of valid records, or the reason a record is unusable.
+DECODED_SCHEMA = pa.schema(
+    [
+        *CORPUS_SCHEMA,
+        ("reason", pa.string()),  # null for a valid record
+        ("detail", pa.string()),
+    ]
+)
 
 NEIGHBOURS_SCHEMA = pa.schema(
     [

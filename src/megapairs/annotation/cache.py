@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from megapairs.annotation.types import BackendError, Completion, Step
-from megapairs.runs import RunDir, read_table, write_table
+from megapairs.runs import RunDir, list_files, read_table, write_table
 from megapairs.schemas import ANNOTATION_CACHE_DIR
 
 CACHE_SCHEMA = pa.schema(
@@ -67,7 +67,7 @@ class AnswerCache:
         self._load()
 
     def _load(self) -> None:
-        for path in sorted(self.folder.glob("chunk-*.parquet")):
+        for path in list_files(self.folder, "chunk-*.parquet"):
             self.next_chunk = max(self.next_chunk, int(path.stem.removeprefix("chunk-")) + 1)
             table = read_table(path)
             mask = pc.and_(

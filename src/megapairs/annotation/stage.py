@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm.auto import tqdm
 
 from megapairs.annotation.backends.base import AnnotatorBackend
 from megapairs.annotation.cache import AnswerCache, CacheKey
@@ -24,6 +24,7 @@ from megapairs.annotation.images import CorpusLookup
 from megapairs.annotation.prompts import PromptSet, load_prompts
 from megapairs.config import PipelineConfig
 from megapairs.mining.stage import STAGE_NAME as MINE_STAGE
+from megapairs.pipeline.stage import PartProgress, StageBase
 from megapairs.runs import RunDir, read_table, write_table
 from megapairs.schemas import (
     ANNOTATION_FAILURES_DIR,
@@ -58,7 +59,16 @@ OUTPUT_SETTINGS = (
 )
 
 
-class AnnotateStage:
+@dataclass
+class AnnotateWorker:
+    """What a worker builds once: the backend (models stay loaded), prompts, corpus lookup."""
+
+    backend: AnnotatorBackend
+    prompts: PromptSet
+    lookup: CorpusLookup
+
+
+class AnnotateStage(StageBase):
     """Describe -> instruct for every mined pair of a part."""
 
     name = STAGE_NAME
@@ -67,9 +77,13 @@ class AnnotateStage:
     def __init__(self, config: PipelineConfig, progress: bool = True) -> None:
         self.config = config
         self.progress = progress
-        self._backend: AnnotatorBackend | None = None
-        self._prompts: PromptSet | None = None
-        self._lookup: CorpusLookup | None = None
+
+    def needs_actor(self) -> bool:
+        """Local models (`hf`) are costly to load: keep them in long-lived workers."""
+        return self.config.annotate.backend == "hf"
+
+    def wants_gpu(self) -> bool:
+        return self.needs_actor() and self.config.annotate.describer.device != "cpu"
 
     def plan(self, run: RunDir) -> list[str]:
         """The parts the mine stage finished."""
@@ -82,57 +96,58 @@ class AnnotateStage:
         return [p for p in run.done_parts(STAGE_NAME) if transient_failures(run, p) > 0]
 
     def prepare(self, run: RunDir) -> None:
-        """Load prompts, the backend (models stay loaded across parts) and the corpus lookup."""
+        """Check the prompts on the driver, before any part is sent anywhere."""
+        self._prompts()
+
+    def _prompts(self) -> PromptSet:
+        prompts = load_prompts(self.config.annotate.prompts or None)
+        pool, drawn = len(prompts.demonstrations), self.config.annotate.num_demonstrations
+        if drawn > pool:
+            raise ValueError(
+                f"annotate.num_demonstrations is {drawn}, but the prompts "
+                f"{prompts.version} hold only {pool} demonstrations"
+            )
+        return prompts
+
+    def setup(self, run: RunDir) -> AnnotateWorker:
+        """Load prompts, the backend (checked ready) and the corpus lookup."""
         from megapairs.annotation.backends.factory import build_backend
 
-        if self._prompts is None:
-            self._prompts = load_prompts(self.config.annotate.prompts or None)
-            pool, drawn = len(self._prompts.demonstrations), self.config.annotate.num_demonstrations
-            if drawn > pool:
-                raise ValueError(
-                    f"annotate.num_demonstrations is {drawn}, but the prompts "
-                    f"{self._prompts.version} hold only {pool} demonstrations"
-                )
-        if self._backend is None:
-            backend = build_backend(self.config.annotate)
-            backend.check_ready()
-            self._backend = backend
-        if self._lookup is None:
-            self._lookup = CorpusLookup(run, self.config.annotate.image_max_side)
+        backend = build_backend(self.config.annotate)
+        backend.check_ready()
+        lookup = CorpusLookup(run, self.config.annotate.image_max_side)
+        return AnnotateWorker(backend, self._prompts(), lookup)
 
-    def run_part(self, run: RunDir, part: str) -> dict[str, int]:
-        self.prepare(run)
-        assert self._backend and self._prompts and self._lookup
+    def run_part(
+        self, run: RunDir, part: str, state: AnnotateWorker, progress: PartProgress
+    ) -> dict[str, int]:
         pairs = read_table(run.part_path(PAIRS_DIR, part))
-        jobs = self._jobs(pairs, self._lookup)
+        jobs = self._jobs(pairs, state.lookup)
         annotator = Annotator(
-            self._backend,
-            self._prompts,
+            state.backend,
+            state.prompts,
             self.config.annotate,
             self.config.seed,
-            AnswerCache(run, part, self._cache_key(), self.config.annotate.flush_every),
-            self._lookup,
+            AnswerCache(run, part, self._cache_key(state), self.config.annotate.flush_every),
+            state.lookup,
         )
-        bar = tqdm(
-            total=len(jobs),
-            desc=f"annotate {part}",
-            unit="pair",
-            leave=False,
-            disable=not self.progress,
-        )
-        with bar:
-            outcomes = asyncio.run(annotate_all(annotator, jobs, lambda: bar.update(1)))
+        finished = [0]
+
+        def one_done() -> None:
+            finished[0] += 1
+            progress(finished[0], len(jobs))
+
+        outcomes = asyncio.run(annotate_all(annotator, jobs, one_done))
         annotations, failures = outcome_tables(outcomes)
         write_table(run.part_path(ANNOTATIONS_DIR, part), annotations)
         write_table(run.part_path(ANNOTATION_FAILURES_DIR, part), failures)
         return part_counts(len(jobs), annotations, failures, annotator.counts)
 
-    def _cache_key(self) -> CacheKey:
-        assert self._backend and self._prompts
+    def _cache_key(self, state: AnnotateWorker) -> CacheKey:
         return CacheKey(
-            self._prompts.version,
-            self._backend.model_name("describer"),
-            self._backend.model_name("instructor"),
+            state.prompts.version,
+            state.backend.model_name("describer"),
+            state.backend.model_name("instructor"),
             self.config.seed,
             self.config.section_hash(*OUTPUT_SETTINGS),
         )

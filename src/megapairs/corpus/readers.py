@@ -11,6 +11,11 @@ Formats (registered by name in `READERS`):
 order); `read_part(part)` yields `SourceRecord`s. A reader never raises on a bad
 record: it yields the record with `error` set. It raises `InputError` only when
 the input as a whole cannot be read.
+
+`input.path` (and `input.image_root`, and image paths in manifests) may be fsspec URLs
+on object storage (`s3://bucket/shards/`, `gs://...`): files are listed and opened
+through fsspec, credentials and endpoints come from the environment (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, ...). Web URLs (http, https, ftp) of images are not fetched.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +39,7 @@ import pyarrow.parquet as pq
 
 from megapairs.config import InputConfig
 from megapairs.registry import Registry
+from megapairs.runs import AnyPath, arrow_source, as_path, filesystem, is_url, local_path
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SIDECAR_SUFFIXES = frozenset({".txt", ".json"})
@@ -41,6 +48,12 @@ TAR_SUFFIXES = (".tar",)
 PARQUET_SUFFIXES = (".parquet",)
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 WDS_CAPTION_EXTENSION = "txt"
+# image URLs that are downloads, not files (img2dataset fetches them)
+WEB_SCHEMES = ("http://", "https://", "ftp://")
+# files a folder of images should not hold: another format's input (the first found names it)
+ARCHIVE_FORMATS = {".tar": "webdataset", ".parquet": "parquet or manifest"} | dict.fromkeys(
+    (".csv", ".tsv", ".jsonl"), "manifest"
+)
 
 
 class InputError(ValueError):
@@ -112,36 +125,61 @@ def _is_hidden(relative: Path) -> bool:
     return any(name.startswith(".") for name in relative.parts)
 
 
-def _walk(root: Path) -> list[Path]:
-    """Every non-hidden file under `root` (hidden folders skipped too), sorted by relative path."""
-    found = []
-    for folder, dirs, files in os.walk(root):
+def _location(path: str) -> AnyPath:
+    """A local path (`~` expanded) or, for a URL, a UPath on its file system."""
+    return as_path(path) if is_url(path) else Path(path).expanduser()
+
+
+def _walk(root: AnyPath) -> list[str]:
+    """Every non-hidden file under `root` (hidden folders skipped too), as sorted relative
+    posix paths."""
+    local = local_path(root)
+    if local is None:
+        return _walk_remote(root)
+    found: list[str] = []
+    for folder, dirs, files in os.walk(local):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(Path(folder, f) for f in files if not f.startswith("."))
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+        base = Path(folder).relative_to(local)
+        found.extend((base / f).as_posix() for f in files if not f.startswith("."))
+    return sorted(found)
 
 
-def _existing_path(path: str) -> Path:
+def _walk_remote(root: AnyPath) -> list[str]:
+    """`_walk` on object storage: one recursive listing."""
+    fs, key = filesystem(root)
+    prefix = key.rstrip("/") + "/"
+    names = [name[len(prefix) :] for name in fs.find(key) if name.startswith(prefix)]
+    return sorted(name for name in names if not _is_hidden(Path(name)))
+
+
+def _existing_path(path: str) -> AnyPath:
     if not path:
         raise InputError("input.path is not set")
-    resolved = Path(path).expanduser()
+    resolved = _location(path)
     if not resolved.exists():
         raise InputError(f"input path {path!r} does not exist")
-    return resolved.absolute()
+    return resolved.absolute() if isinstance(resolved, Path) else resolved
 
 
-def _candidate_files(path: str) -> list[Path]:
+def _candidate_files(path: str) -> list[AnyPath]:
     """The files a path names: itself, the files under a folder, or a glob's matches."""
     if glob.has_magic(path):
-        matches = sorted(Path(p).absolute() for p in glob.glob(path, recursive=True))
+        matches = _glob(path)
         if not matches:
             raise InputError(f"input pattern {path!r} matches no files")
         return [m for m in matches if m.is_file()]
     root = _existing_path(path)
-    return _walk(root) if root.is_dir() else [root]
+    return [root / name for name in _walk(root)] if root.is_dir() else [root]
 
 
-def _input_files(path: str, suffixes: tuple[str, ...], what: str) -> list[Path]:
+def _glob(pattern: str) -> list[AnyPath]:
+    if not is_url(pattern):
+        return sorted(Path(p).absolute() for p in glob.glob(pattern, recursive=True))
+    fs, key = filesystem(as_path(pattern))
+    return [as_path(fs.unstrip_protocol(p)) for p in sorted(fs.glob(key))]
+
+
+def _input_files(path: str, suffixes: tuple[str, ...], what: str) -> list[AnyPath]:
     """The files of `path` with one of `suffixes`; InputError when there are none."""
     files = [f for f in _candidate_files(path) if f.name.lower().endswith(suffixes)]
     if not files:
@@ -153,7 +191,7 @@ def _row_ranges(rows: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
-def _row_parts(reader: str, path: Path, rows: int, config: InputConfig) -> list[InputPart]:
+def _row_parts(reader: str, path: AnyPath, rows: int, config: InputConfig) -> list[InputPart]:
     """Parts of at most `config.shard_size` consecutive rows of one table file."""
     return [
         InputPart(
@@ -169,29 +207,44 @@ def _row_parts(reader: str, path: Path, rows: int, config: InputConfig) -> list[
     ]
 
 
-def _resolve(value: str, base: Path) -> Path:
+def _resolve(value: str, base: AnyPath) -> AnyPath:
+    if is_url(value):
+        return as_path(value)
     path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
+    return path if path.is_absolute() else base / path.as_posix()
 
 
-def _image_base(part: InputPart) -> Path:
-    return Path(part.image_root) if part.image_root else Path(part.source).parent
+def _image_base(part: InputPart) -> AnyPath:
+    return _location(part.image_root) if part.image_root else _location(part.source).parent
 
 
 def _absolute_root(config: InputConfig) -> str | None:
-    return str(Path(config.image_root).expanduser().absolute()) if config.image_root else None
+    if not config.image_root or is_url(config.image_root):
+        return config.image_root or None
+    return str(Path(config.image_root).expanduser().absolute())
 
 
-def _local_file_record(key: str, value: str, base: Path, caption: str | None) -> SourceRecord:
-    """A record for an image named by a path; `missing_file` if it is not a local file."""
-    if "://" in value:
+def _local_file_record(key: str, value: str, base: AnyPath, caption: str | None) -> SourceRecord:
+    """A record for an image named by a path or an object-storage URL; `missing_file` for a
+    web URL or a local path that is not a file (a remote file is checked when read)."""
+    if "://" in value and (value.lower().startswith(WEB_SCHEMES) or not _known_url(value)):
         detail = f"{value!r} is a URL, not a local file; download the images first (img2dataset)"
         return SourceRecord(key, value, caption=caption, error=("missing_file", detail))
     path = _resolve(value, base)
-    if not path.is_file():
-        detail = f"image file {str(path)!r} does not exist"
-        return SourceRecord(key, str(path), caption=caption, error=("missing_file", detail))
-    return SourceRecord(key, str(path), path=str(path), caption=caption)
+    local = local_path(path)
+    if local is None:
+        return SourceRecord(key, str(path), path=str(path), caption=caption)
+    if not local.is_file():
+        detail = f"image file {str(local)!r} does not exist"
+        return SourceRecord(key, str(local), caption=caption, error=("missing_file", detail))
+    return SourceRecord(key, str(local), path=str(local), caption=caption)
+
+
+def _known_url(value: str) -> bool:
+    """True for a URL of a file system fsspec can open (s3, gs, az, file, ...)."""
+    import fsspec
+
+    return is_url(value) and value.split("://", 1)[0].lower() in fsspec.available_protocols()
 
 
 # auto detection -------------------------------------------------------------
@@ -202,7 +255,7 @@ def detect_format(config: InputConfig) -> str:
     an image bytes column -> parquet, other tables -> manifest."""
     files = _candidate_files(config.path)
     suffixes = {f.suffix.lower() for f in files}
-    is_dir = not glob.has_magic(config.path) and Path(config.path).expanduser().is_dir()
+    is_dir = not glob.has_magic(config.path) and _location(config.path).is_dir()
     if is_dir and suffixes & IMAGE_SUFFIXES:
         return "folder"
     if suffixes & set(TAR_SUFFIXES):
@@ -225,19 +278,20 @@ def _is_image_bytes_type(kind: pa.DataType) -> bool:
     return pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
 
 
-def _has_image_bytes(path: Path, column: str) -> bool:
+def _has_image_bytes(path: AnyPath, column: str) -> bool:
     schema = _parquet_schema(path)
     return column in schema.names and _is_image_bytes_type(schema.field(column).type)
 
 
-def _parquet_schema(path: Path) -> pa.Schema:
+def _parquet_schema(path: AnyPath) -> pa.Schema:
     try:
-        return pq.read_schema(path)
+        with arrow_source(path) as source:
+            return pq.read_schema(source)
     except (OSError, pa.ArrowException) as err:
         raise InputError(f"cannot read Parquet file {str(path)!r}: {err}") from err
 
 
-def _require_columns(path: Path, names: list[str], wanted: Iterable[str]) -> None:
+def _require_columns(path: AnyPath, names: list[str], wanted: Iterable[str]) -> None:
     missing = [c for c in wanted if c and c not in names]
     if missing:
         raise InputError(
@@ -255,27 +309,31 @@ class FolderReader:
     """A tree of image files; `x.txt` beside `x.jpg` is its caption.
 
     Every non-hidden file that is not a .txt/.json sidecar is a record, whatever
-    its suffix, so a stray file ends in the rejects (not_an_image), not nowhere.
+    its suffix, so a stray file ends in the rejects (not_an_image), not nowhere. A
+    folder of only tar shards or tables is another format's input: an InputError says
+    which `input.format` reads it; among images, such a file's reject says so.
     """
 
     def plan(self, config: InputConfig) -> list[InputPart]:
         root = _existing_path(config.path)
         if not root.is_dir():
             raise InputError(f"input {config.path!r} is not a folder (format folder)")
-        members = [
-            f.relative_to(root).as_posix()
-            for f in _walk(root)
-            if f.suffix.lower() not in SIDECAR_SUFFIXES
-        ]
+        members = [m for m in _walk(root) if Path(m).suffix.lower() not in SIDECAR_SUFFIXES]
+        _refuse_other_formats(config.path, members)
         return [
             InputPart("folder", str(root), members=tuple(members[start:stop]))
             for start, stop in _row_ranges(len(members), config.shard_size)
         ]
 
     def read(self, part: InputPart) -> Iterator[SourceRecord]:
-        root = Path(part.source)
+        root = _location(part.source)
         for relative in part.members:
             path = root / relative
+            other = ARCHIVE_FORMATS.get(Path(relative).suffix.lower())
+            if other:
+                detail = f"{relative} is not an image but input for input.format: {other}"
+                yield SourceRecord(relative, str(path), error=("not_an_image", detail))
+                continue
             try:
                 caption = _read_sidecar(path)
             except OSError as err:
@@ -285,7 +343,19 @@ class FolderReader:
             yield SourceRecord(relative, str(path), path=str(path), caption=caption)
 
 
-def _read_sidecar(image_path: Path) -> str | None:
+def _refuse_other_formats(path: str, members: list[str]) -> None:
+    """InputError when every file is a tar shard or a table: the wrong input.format."""
+    suffixes = sorted({Path(m).suffix.lower() for m in members})
+    if not suffixes or not set(suffixes) <= set(ARCHIVE_FORMATS):
+        return
+    wanted = next(kind for suffix, kind in ARCHIVE_FORMATS.items() if suffix in suffixes)
+    raise InputError(
+        f"input {path!r} holds {', '.join(suffixes)} files, not images: set input.format: "
+        f"{wanted} (or auto) instead of folder"
+    )
+
+
+def _read_sidecar(image_path: AnyPath) -> str | None:
     sidecar = image_path.with_suffix(".txt")
     if not sidecar.is_file():
         return None
@@ -332,17 +402,29 @@ def _load_manifest(path: str, image_column: str, caption_column: str) -> pa.Tabl
     do not each parse the whole file again.
     """
     try:
-        stat = os.stat(path)
+        version, size = file_version(path)
     except OSError as err:
         raise InputError(f"cannot read manifest {path!r}: {err}") from err
-    return _load_manifest_cached(path, stat.st_mtime_ns, stat.st_size, image_column, caption_column)
+    return _load_manifest_cached(path, version, size, image_column, caption_column)
+
+
+def file_version(path: str) -> tuple[str | int, int]:
+    """(mtime_ns, size) of a local file; (ETag or modification time, size) of a remote
+    one: what changes when the file is rewritten."""
+    if not is_url(path):
+        stat = os.stat(path)
+        return stat.st_mtime_ns, stat.st_size
+    fs, key = filesystem(as_path(path))
+    info = fs.info(key)
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return str(version), int(info["size"])
 
 
 @functools.lru_cache(maxsize=2)
 def _load_manifest_cached(
-    path: str, _mtime_ns: int, _size: int, image_column: str, caption_column: str
+    path: str, _version: str | int, _size: int, image_column: str, caption_column: str
 ) -> pa.Table:
-    source = Path(path)
+    source = _location(path)
     suffix = source.suffix.lower()
     try:
         table = MANIFEST_LOADERS.build(suffix, source)
@@ -359,29 +441,31 @@ def _load_manifest_cached(
 
 
 @MANIFEST_LOADERS.register(".csv")
-def _load_csv(path: Path) -> pa.Table:
+def _load_csv(path: AnyPath) -> pa.Table:
     return _read_delimited(path, ",")
 
 
 @MANIFEST_LOADERS.register(".tsv")
-def _load_tsv(path: Path) -> pa.Table:
+def _load_tsv(path: AnyPath) -> pa.Table:
     return _read_delimited(path, "\t")
 
 
-def _read_delimited(path: Path, delimiter: str) -> pa.Table:
+def _read_delimited(path: AnyPath, delimiter: str) -> pa.Table:
     """Every column read as text, so captions such as `1984` stay strings."""
-    header = pa_csv.open_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
-    names = header.schema.names
-    header.close()
-    return pa_csv.read_csv(
-        path,
-        parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-        convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(names, pa.string())),
-    )
+    with arrow_source(path) as source:
+        header = pa_csv.open_csv(source, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
+        names = header.schema.names
+        header.close()
+    with arrow_source(path) as source:
+        return pa_csv.read_csv(
+            source,
+            parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(names, pa.string())),
+        )
 
 
 @MANIFEST_LOADERS.register(".jsonl")
-def _load_jsonl(path: Path) -> pa.Table:
+def _load_jsonl(path: AnyPath) -> pa.Table:
     """One JSON object per line; scalars of any type become text, absent keys null."""
     rows = []
     with path.open(encoding="utf-8") as handle:
@@ -406,8 +490,9 @@ def _as_text(value: Any) -> str | None:
 
 
 @MANIFEST_LOADERS.register(".parquet")
-def _load_parquet_manifest(path: Path) -> pa.Table:
-    return pq.read_table(path)
+def _load_parquet_manifest(path: AnyPath) -> pa.Table:
+    with arrow_source(path) as source:
+        return pq.read_table(source)
 
 
 # webdataset -------------------------------------------------------------------
@@ -451,7 +536,7 @@ def _tar_samples(shard: str) -> Iterator[tuple[str, list[tuple[str, str, bytes]]
     """(key, [(member name, extension, bytes)]) for runs of members sharing a key."""
     key: str | None = None
     files: list[tuple[str, str, bytes]] = []
-    with tarfile.open(shard, mode="r|*") as tar:
+    with _open_tar(shard) as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -464,6 +549,17 @@ def _tar_samples(shard: str) -> Iterator[tuple[str, list[tuple[str, str, bytes]]
             files.append((member.name, extension, handle.read() if handle else b""))
     if key is not None:
         yield key, files
+
+
+@contextmanager
+def _open_tar(shard: str) -> Iterator[tarfile.TarFile]:
+    """A tar shard as a stream: a local file, or a remote object read front to back."""
+    if not is_url(shard):
+        with tarfile.open(shard, mode="r|*") as tar:
+            yield tar
+        return
+    with as_path(shard).open("rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+        yield tar
 
 
 def _sample_record(shard: str, key: str, files: list[tuple[str, str, bytes]]) -> SourceRecord:
@@ -500,12 +596,13 @@ class ParquetReader:
                     f"column {config.image_column!r} of {str(path)!r} has type {kind}, "
                     "not binary or a struct with `bytes`; use input.format=manifest for paths"
                 )
-            rows = pq.ParquetFile(path).metadata.num_rows
+            with arrow_source(path) as source:
+                rows = pq.ParquetFile(source).metadata.num_rows
             parts += _row_parts("parquet", path, rows, config)
         return parts
 
     def read(self, part: InputPart) -> Iterator[SourceRecord]:
-        table = _read_row_range(Path(part.source), part)
+        table = _read_row_range(_location(part.source), part)
         images = table.column(part.image_column).to_pylist()
         captions = (
             table.column(part.caption_column).cast(pa.string()).to_pylist()
@@ -516,9 +613,13 @@ class ParquetReader:
             yield _parquet_record(part, row, value, caption)
 
 
-def _read_row_range(path: Path, part: InputPart) -> pa.Table:
+def _read_row_range(path: AnyPath, part: InputPart) -> pa.Table:
     """Rows [start, stop) of `path`, reading only the row groups that hold them."""
-    parquet = pq.ParquetFile(path)
+    with arrow_source(path) as source:
+        return _row_range(pq.ParquetFile(source), part)
+
+
+def _row_range(parquet: pq.ParquetFile, part: InputPart) -> pa.Table:
     columns = [c for c in (part.image_column, part.caption_column) if c]
     groups, first_row, offset = [], None, 0
     for index in range(parquet.metadata.num_row_groups):

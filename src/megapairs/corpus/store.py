@@ -1,12 +1,24 @@
-"""Reading the ingest stage's tables back: corpus rows, rejects, image bytes."""
+"""Reading the ingest stage's tables back: corpus rows, rejects, image bytes; and reading
+source image files, local or on object storage (a URL such as `s3://bucket/a.jpg`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
 
-from megapairs.runs import RunDir, concat_tables, read_table
+from megapairs.runs import (
+    AnyPath,
+    RunDir,
+    as_path,
+    concat_tables,
+    filesystem,
+    is_url,
+    list_files,
+    read_bytes,
+    read_table,
+)
 from megapairs.schemas import CORPUS_DIR, CORPUS_SCHEMA, IMAGES_DIR, REJECTS_DIR, REJECTS_SCHEMA
 
 INGEST_STAGE = "ingest"
@@ -24,7 +36,7 @@ def read_corpus(run: RunDir, part: str | None = None, columns: list[str] | None 
     return concat_tables(run.files(CORPUS_DIR, INGEST_STAGE), CORPUS_SCHEMA, columns)
 
 
-def rejects_path(run: RunDir, stage: str, part: str) -> Path:
+def rejects_path(run: RunDir, stage: str, part: str) -> AnyPath:
     """Where `stage` writes the rejects of `part`: rejects/part-N (ingest) or
     rejects/<stage>-part-N (later stages)."""
     name = part if stage == INGEST_STAGE else f"{stage}-{part}"
@@ -34,7 +46,7 @@ def rejects_path(run: RunDir, stage: str, part: str) -> Path:
 def read_rejects(run: RunDir) -> pa.Table:
     """The rejects of every finished part of every stage, in file order."""
     paths = []
-    for path in sorted(run.folder(REJECTS_DIR).glob("*part-*.parquet")):
+    for path in list_files(run.folder(REJECTS_DIR), "*part-*.parquet"):
         stage, sep, index = path.stem.rpartition("-part-")
         stage, part = (stage, f"part-{index}") if sep else (INGEST_STAGE, path.stem)
         if run.is_done(stage, part):
@@ -57,4 +69,17 @@ def load_image_bytes(record_id: int, path: str | None, stored: dict[int, bytes])
         return stored[record_id]
     if path is None:
         raise FileNotFoundError(f"record {record_id} has neither stored bytes nor a source path")
-    return Path(path).read_bytes()
+    return read_source(path)
+
+
+def source_size(path: str) -> int:
+    """The size in bytes of a source file (a local path or a URL), without reading it."""
+    if not is_url(path):
+        return os.stat(path).st_size
+    fs, key = filesystem(as_path(path))
+    return int(fs.size(key))
+
+
+def read_source(path: str) -> bytes:
+    """The bytes of a source file: a local path or a URL."""
+    return Path(path).read_bytes() if not is_url(path) else read_bytes(as_path(path))

@@ -18,8 +18,9 @@ re-run it since (its annotated/failed counts differ from the ones exported:
 `stale_parts`, which the runner honours).
 
 `dataset/dataset_info.json` (columns, image root, per-part counts, config provenance)
-is rewritten after every part from the finished parts' markers plus the part just
-written, so it always describes the files on disk, also after a resume.
+is written once all parts are done (`finalize`, on the driver), from the finished
+parts' markers, so it always describes the files on disk, also after a resume, and
+no two parts ever write it at once.
 """
 
 from __future__ import annotations
@@ -34,15 +35,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from megapairs.config import PipelineConfig
 from megapairs.corpus.store import load_image_bytes, read_corpus
+from megapairs.pipeline.stage import PartProgress, StageBase
 from megapairs.runs import (
+    AnyPath,
     RunDir,
     atomic_path,
     environment_versions,
+    filesystem,
+    is_url,
+    local_path,
     now_iso,
+    parquet_metadata,
     part_name,
     read_table,
     write_json,
@@ -131,15 +137,15 @@ class CorpusIndex:
         return self.table.take(pa.array(clipped))
 
 
-class ExportStage:
-    """Annotated pairs of a part -> its dataset shard(s) and referenced images."""
+class ExportStage(StageBase):
+    """Annotated pairs of a part -> its dataset shard(s) and referenced images; then
+    `dataset_info.json` once, over all parts (`finalize`)."""
 
     name = STAGE_NAME
     config_sections = ("export",)
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
-        self.index: CorpusIndex | None = None
 
     def plan(self, run: RunDir) -> list[str]:
         """The parts the annotate stage has finished."""
@@ -157,16 +163,15 @@ class ExportStage:
             return True
         return counts.get("annotations_sha256") != annotations_digest(run, part)
 
-    def prepare(self, run: RunDir) -> None:
-        """Read the whole corpus index once: pairs reference records of any part."""
-        self.index = CorpusIndex.read(run)
+    def setup(self, run: RunDir) -> CorpusIndex:
+        """Read the whole corpus index once per worker: pairs reference records of any part."""
+        return CorpusIndex.read(run)
 
-    def run_part(self, run: RunDir, part: str) -> dict[str, int]:
-        if self.index is None:
-            self.prepare(run)
-        assert self.index is not None
+    def run_part(
+        self, run: RunDir, part: str, state: CorpusIndex, progress: PartProgress
+    ) -> dict[str, Any]:
         rows, failed = annotated_pairs(run, part)
-        records = self.index.lookup(referenced_ids(rows))
+        records = state.lookup(referenced_ids(rows))
         folder = dataset_folder(run)
         if self.config.export.images == "copy":
             materialise_images(run, folder, records)
@@ -186,8 +191,11 @@ class ExportStage:
             "images_referenced": records.num_rows,
             "annotations_sha256": annotations_digest(run, part),
         }
-        write_dataset_info(run, self.config, {part: counts})
         return counts
+
+    def finalize(self, run: RunDir, counts: dict[str, dict[str, Any]]) -> None:
+        """Write dataset_info.json from the finished parts (stage-wide, so only here)."""
+        write_dataset_info(run, self.config)
 
 
 def annotations_digest(run: RunDir, part: str) -> str:
@@ -199,7 +207,7 @@ def annotations_digest(run: RunDir, part: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def dataset_folder(run: RunDir) -> Path:
+def dataset_folder(run: RunDir) -> AnyPath:
     return run.folder(DATASET_DIR)
 
 
@@ -226,9 +234,9 @@ def annotated_pairs(run: RunDir, part: str) -> tuple[pa.Table, int]:
     return kept, failed
 
 
-def _rows(path: Path) -> int:
+def _rows(path: AnyPath) -> int:
     """Rows of a Parquet file from its footer; 0 when there is no file."""
-    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+    return parquet_metadata(path).num_rows if path.exists() else 0
 
 
 def referenced_ids(rows: pa.Table) -> np.ndarray:
@@ -254,15 +262,16 @@ def reference_paths(records: pa.Table, part: str) -> dict[int, str]:
             f"records referenced by {part} (e.g. {stored[:5]}) exist only in the run's image "
             "store (tar or Parquet input): export with export.images=copy"
         )
-    return {i: str(Path(p).absolute()) for i, p in zip(ids, paths, strict=True)}
+    return {i: p if is_url(p) else str(Path(p).absolute()) for i, p in zip(ids, paths, strict=True)}
 
 
-def materialise_images(run: RunDir, folder: Path, records: pa.Table) -> Counter[str]:
+def materialise_images(run: RunDir, folder: AnyPath, records: pa.Table) -> Counter[str]:
     """Put each record's original bytes at its `copy` path unless present; counts of
     images `copied`, `linked` and already `present`."""
     counts: Counter[str] = Counter()
     rows = records.to_pylist()
-    todo = [r for r in rows if not (folder / image_relpath(r["id"], r["source_format"])).exists()]
+    present = present_images(folder, [image_relpath(r["id"], r["source_format"]) for r in rows])
+    todo = [r for r in rows if image_relpath(r["id"], r["source_format"]) not in present]
     counts["present"] = len(rows) - len(todo)
     stored = stored_bytes(run, [r["id"] for r in todo if r["path"] is None])
     for record in todo:
@@ -276,6 +285,18 @@ def materialise_images(run: RunDir, folder: Path, records: pa.Table) -> Counter[
     return counts
 
 
+def present_images(folder: AnyPath, relpaths: list[str]) -> set[str]:
+    """The `relpaths` that exist under `folder` (remote: one listing per image folder)."""
+    if local_path(folder) is not None:
+        return {r for r in relpaths if (folder / r).exists()}
+    found: set[str] = set()
+    for subfolder in sorted({r.rpartition("/")[0] for r in relpaths}):
+        fs, key = filesystem(folder / subfolder)
+        names = fs.find(key, maxdepth=1)
+        found |= {f"{subfolder}/{name.rpartition('/')[2]}" for name in names}
+    return found & set(relpaths)
+
+
 def stored_bytes(run: RunDir, ids: list[int]) -> dict[int, bytes]:
     """Bytes of `ids` from the run's image store, reading only those rows of each part."""
     by_part: dict[str, list[int]] = defaultdict(list)
@@ -286,7 +307,7 @@ def stored_bytes(run: RunDir, ids: list[int]) -> dict[int, bytes]:
         path = run.part_path(IMAGES_DIR, part)
         if not path.exists():
             raise ExportError(f"records {wanted[:5]} have no source path and {path} is missing")
-        table = pq.read_table(path, filters=[("id", "in", wanted)])
+        table = read_table(path, filters=[("id", "in", wanted)])
         found.update(zip(table["id"].to_pylist(), table["image"].to_pylist(), strict=True))
     return found
 
@@ -301,13 +322,16 @@ def check_digest(record: dict[str, Any], data: bytes) -> None:
         )
 
 
-def place_image(destination: Path, source: str | None, data: bytes) -> str:
+def place_image(destination: AnyPath, source: str | None, data: bytes) -> str:
     """Hard-link `source` to `destination`, or write `data` there atomically; returns
-    `linked`, `copied` or `present` (another writer was first)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    if source is not None:
+    `linked`, `copied` or `present` (another writer was first). Object storage has no
+    links: the bytes are uploaded."""
+    local = local_path(destination)
+    if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+    if local is not None and source is not None and not is_url(source):
         try:
-            os.link(source, destination)
+            os.link(source, local)
             return "linked"
         except FileExistsError:
             return "present"
@@ -348,7 +372,7 @@ def _as_array(values: Any, kind: pa.DataType) -> pa.Array | pa.ChunkedArray:
     return pa.array(values, kind)
 
 
-def write_jsonl(path: Path, table: pa.Table) -> None:
+def write_jsonl(path: AnyPath, table: pa.Table) -> None:
     """One JSON object per row, the same columns as the Parquet shard, written atomically."""
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for batch in table.to_batches():
@@ -357,7 +381,15 @@ def write_jsonl(path: Path, table: pa.Table) -> None:
 
 
 # Settings that say where servers are and how to reach them: not shipped with a dataset.
-TRANSPORT_SETTINGS = {"base_url", "api_key_env", "extra_body", "timeout", "device"}
+TRANSPORT_SETTINGS = {
+    "base_url",
+    "api_key_env",
+    "extra_body",
+    "timeout",
+    "device",
+    "cooldown",
+    "cooldown_max",
+}
 
 
 def shareable_config(config: PipelineConfig) -> dict[str, Any]:

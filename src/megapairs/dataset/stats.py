@@ -12,16 +12,22 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from megapairs.dataset.validate import dataset_files
-from megapairs.runs import RunDir, concat_tables
+from megapairs.runs import (
+    AnyPath,
+    RunDir,
+    as_path,
+    concat_tables,
+    parquet_metadata,
+    read_table,
+    relative_name,
+)
 from megapairs.schemas import (
     ANNOTATION_FAILURES_DIR,
     ANNOTATION_FAILURES_SCHEMA,
@@ -124,7 +130,7 @@ class PartBalance:
 class DatasetStats:
     """What `dataset_stats` counted."""
 
-    path: Path
+    path: AnyPath
     files: list[str] = field(default_factory=list)
     rows: int = 0
     distinct_queries: int = 0
@@ -135,7 +141,7 @@ class DatasetStats:
     instruction_words: Summary = Summary({})
     negatives_per_pair: Summary = Summary({})
     provenance: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> value -> rows
-    run: Path | None = None
+    run: AnyPath | None = None
     failures: FailureStats | None = None
     parts: list[PartBalance] = field(default_factory=list)
 
@@ -170,10 +176,10 @@ class _Tally:
                 self.provenance.setdefault(column, Counter()).update(_value_counts(table[column]))
 
 
-def dataset_stats(path: Path, run: RunDir | None = None) -> DatasetStats:
-    """Count a dataset folder or file; with `run` (or when `path` is <run>/dataset) add the
-    run's annotation failures and per-part balance."""
-    path = Path(path)
+def dataset_stats(path: AnyPath | str, run: RunDir | None = None) -> DatasetStats:
+    """Count a dataset folder or file (local or a URL); with `run` (or when `path` is
+    <run>/dataset) add the run's annotation failures and per-part balance."""
+    path = as_path(path)
     files, _twins = dataset_files(path)
     base = path if path.is_dir() else path.parent
     tally = _Tally()
@@ -182,7 +188,7 @@ def dataset_stats(path: Path, run: RunDir | None = None) -> DatasetStats:
     run = run if run is not None else run_of(path)
     return DatasetStats(
         path=path,
-        files=[f.relative_to(base).as_posix() for f in files],
+        files=[relative_name(f, base) for f in files],
         rows=tally.rows,
         distinct_queries=_distinct(tally.queries),
         distinct_targets=_distinct(tally.targets),
@@ -198,7 +204,7 @@ def dataset_stats(path: Path, run: RunDir | None = None) -> DatasetStats:
     )
 
 
-def run_of(path: Path) -> RunDir | None:
+def run_of(path: AnyPath) -> RunDir | None:
     """The run a dataset folder (or a file in it) belongs to: <run>/dataset with markers."""
     folder = path if path.is_dir() else path.parent
     if folder.name == DATASET_DIR and (folder.parent / "_progress").is_dir():
@@ -206,12 +212,12 @@ def run_of(path: Path) -> RunDir | None:
     return None
 
 
-def read_stat_columns(file: Path) -> pa.Table:
+def read_stat_columns(file: AnyPath) -> pa.Table:
     """The columns stats need (those present) from a Parquet or JSONL file; the released
     columns must be there (`validate_dataset` says more about a broken file)."""
     records: list[dict[str, Any]] = []
     if file.suffix == ".parquet":
-        present = set(pq.ParquetFile(file).schema_arrow.names)
+        present = set(parquet_metadata(file).schema.to_arrow_schema().names)
     else:
         with file.open(encoding="utf-8") as handle:
             records = [json.loads(line) for line in handle if line.strip()]
@@ -221,7 +227,7 @@ def read_stat_columns(file: Path) -> pa.Table:
         raise ValueError(f"{file} is not a dataset file: it lacks {', '.join(lacking)}")
     wanted = [c for c in [*STAT_COLUMNS, *PROVENANCE_COLUMNS] if c in present]
     if file.suffix == ".parquet":
-        return pq.read_table(file, columns=wanted)
+        return read_table(file, wanted)
     return pa.table(
         {c: pa.array([r.get(c) for r in records], DATASET_SCHEMA.field(c).type) for c in wanted}
     )
@@ -299,8 +305,8 @@ def part_balance(run: RunDir) -> list[PartBalance]:
     return balance
 
 
-def _rows(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+def _rows(path: AnyPath) -> int:
+    return parquet_metadata(path).num_rows if path.exists() else 0
 
 
 def format_stats(stats: DatasetStats) -> str:

@@ -17,7 +17,8 @@ that file; none for a file-level problem), its column and what is wrong:
   twin_mismatch                     a JSONL beside a Parquet shard with another row count
 
 Where a Parquet shard has a JSONL twin (part-N.parquet + part-N.jsonl, as export
-writes them) the Parquet file is checked and the twin only for its row count.
+writes them) the Parquet file is checked and the twin only for its row count. The
+dataset and its images may be on object storage (a URL such as `s3://bucket/run/dataset`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from megapairs.runs import (
+    AnyPath,
+    arrow_source,
+    as_path,
+    filesystem,
+    is_url,
+    local_path,
+    parquet_metadata,
+    relative_name,
+)
 
 INFO_FILE = "dataset_info.json"
 DATA_SUFFIXES = (".parquet", ".jsonl")
@@ -65,8 +77,8 @@ class ValidationReport:
     """What `validate_dataset` found; `counts` counts every problem, `problems` keeps the
     first `max_problems` of them."""
 
-    path: Path
-    image_root: Path
+    path: AnyPath
+    image_root: AnyPath
     files: list[str] = field(default_factory=list)
     twins: list[str] = field(default_factory=list)
     rows: int = 0
@@ -94,7 +106,7 @@ class ImageChecker:
     """Whether image paths exist, listing each folder once (a dataset names each image many
     times, and most share a few folders)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: AnyPath) -> None:
         self.root = str(root)
         self.known: dict[str, bool] = {}
         self._folders: dict[str, frozenset[str]] = {}
@@ -102,76 +114,103 @@ class ImageChecker:
     def exists(self, path: str) -> bool:
         found = self.known.get(path)
         if found is None:
-            folder, name = os.path.split(os.path.join(self.root, path))
+            folder, name = os.path.split(self.resolve(path))
             found = name in self._listing(folder)
             self.known[path] = found
         return found
 
     def resolve(self, path: str) -> str:
-        return os.path.join(self.root, path)
+        return path if is_url(path) else os.path.join(self.root, path)
 
     def _listing(self, folder: str) -> frozenset[str]:
         names = self._folders.get(folder)
         if names is None:
             try:
-                names = frozenset(os.listdir(folder))
+                names = frozenset(_list_names(folder))
             except OSError:
                 names = frozenset()
             self._folders[folder] = names
         return names
 
 
-def dataset_files(path: Path) -> tuple[list[Path], list[Path]]:
+def _list_names(folder: str) -> list[str]:
+    """The names in a local folder or under a URL (one listing); OSError if unreadable."""
+    if not is_url(folder):
+        return os.listdir(folder)
+    fs, key = filesystem(as_path(folder))
+    return [name.rpartition("/")[2] for name in fs.find(key, maxdepth=1)]
+
+
+def dataset_files(path: AnyPath) -> tuple[list[AnyPath], list[AnyPath]]:
     """(data files to read, JSONL twins of Parquet files) of a dataset folder or file."""
     if path.is_file():
         return [path], []
     if not path.is_dir():
         raise FileNotFoundError(f"no dataset at {path}")
-    found = []
-    for folder, subfolders, names in os.walk(path):
-        subfolders[:] = sorted(d for d in subfolders if _searched(d))
-        found += [Path(folder) / n for n in names if n.endswith(DATA_SUFFIXES) and n[0] != "."]
-    found.sort()
+    local = local_path(path)
+    found = _data_files(local) if local is not None else _remote_data_files(path)
+    found.sort(key=lambda f: relative_name(f, path).split("/"))
     parquet = {f.with_suffix("") for f in found if f.suffix == ".parquet"}
     twins = [f for f in found if f.suffix == ".jsonl" and f.with_suffix("") in parquet]
     read = [f for f in found if not (f.suffix == ".jsonl" and f.with_suffix("") in parquet)]
     return read, twins
 
 
+def _data_files(path: Path) -> list[AnyPath]:
+    found: list[AnyPath] = []
+    for folder, subfolders, names in os.walk(path):
+        subfolders[:] = sorted(d for d in subfolders if _searched(d))
+        found += [Path(folder) / n for n in names if n.endswith(DATA_SUFFIXES) and n[0] != "."]
+    return found
+
+
+def _remote_data_files(path: AnyPath) -> list[AnyPath]:
+    """`_data_files` on object storage: one recursive listing."""
+    fs, key = filesystem(path)
+    prefix = key.rstrip("/") + "/"
+    found: list[AnyPath] = []
+    for name in fs.find(key):
+        *folders, file = name[len(prefix) :].split("/")
+        if all(map(_searched, folders)) and file.endswith(DATA_SUFFIXES) and file[0] != ".":
+            found.append(path / name[len(prefix) :])
+    return found
+
+
 def _searched(folder: str) -> bool:
     return folder not in SKIPPED_FOLDERS and not folder.startswith((".", "_"))
 
 
-def default_image_root(path: Path) -> Path:
+def default_image_root(path: AnyPath) -> AnyPath:
     """The dataset folder (a file's folder), or the image root its dataset_info.json names."""
     folder = path if path.is_dir() else path.parent
     info = folder / INFO_FILE
     if info.exists():
-        return folder / json.loads(info.read_text()).get("image_root", ".")
+        root = json.loads(info.read_text()).get("image_root", ".")
+        return folder if root in ("", ".") else folder / root
     return folder
 
 
 def validate_dataset(
-    path: Path,
-    image_root: Path | None = None,
+    path: AnyPath | str,
+    image_root: AnyPath | str | None = None,
     *,
     min_instructions: int = 3,
     check_images: bool = True,
     max_problems: int = 10_000,
 ) -> ValidationReport:
     """Check every row of a dataset folder or file; see the module docstring."""
-    path = Path(path)
+    path = as_path(path)
     files, twins = dataset_files(path)
-    root = Path(image_root) if image_root is not None else default_image_root(path)
+    root = as_path(image_root) if image_root is not None else default_image_root(path)
     report = ValidationReport(path, root, max_problems=max_problems)
     checker = RowChecker(report, ImageChecker(root) if check_images else None, min_instructions)
     base = path if path.is_dir() else path.parent
     keys = []
     for file in files:
-        report.files.append(file.relative_to(base).as_posix())
+        report.files.append(relative_name(file, base))
         keys.append(checker.check_file(file, report.files[-1]))
     for twin in twins:
-        report.twins.append(twin.relative_to(base).as_posix())
+        report.twins.append(relative_name(twin, base))
         _check_twin(twin, report.twins[-1], report)
     _report_duplicates(keys, report)
     if checker.images is not None:
@@ -190,7 +229,7 @@ class RowChecker:
     images: ImageChecker | None
     min_instructions: int
 
-    def check_file(self, file: Path, name: str) -> np.ndarray:
+    def check_file(self, file: AnyPath, name: str) -> np.ndarray:
         """Check one file's rows; returns (row, hash of (q_img, t_img)) per row with both."""
         keys: list[tuple[int, int]] = []
         batches = (
@@ -257,9 +296,15 @@ class RowChecker:
                 self.report.add(name, row, column, "missing_image", message)
 
 
-def _parquet_batches(file: Path, name: str, report: ValidationReport) -> Iterator[list[dict]]:
+def _parquet_batches(file: AnyPath, name: str, report: ValidationReport) -> Iterator[list[dict]]:
     """Rows (required columns; SKIP for a missing or mistyped column), a batch at a time."""
-    source = pq.ParquetFile(file)
+    with arrow_source(file) as opened:
+        yield from _parquet_file_batches(pq.ParquetFile(opened), name, report)
+
+
+def _parquet_file_batches(
+    source: pq.ParquetFile, name: str, report: ValidationReport
+) -> Iterator[list[dict]]:
     schema = source.schema_arrow
     usable = []
     for column, kind in REQUIRED_COLUMNS.items():
@@ -288,7 +333,7 @@ def _arrow_kind(kind: pa.DataType) -> str | None:
     return None
 
 
-def _jsonl_batches(file: Path, name: str, report: ValidationReport) -> Iterator[list[dict]]:
+def _jsonl_batches(file: AnyPath, name: str, report: ValidationReport) -> Iterator[list[dict]]:
     """Rows of a JSONL file (blank lines skipped), a batch at a time; a column absent from the
     first record is a file-level problem, a value of the wrong type a row-level one."""
     absent: set[str] | None = None
@@ -355,9 +400,9 @@ def _json_kind(value: Any) -> str | None:
     return None
 
 
-def _check_twin(twin: Path, name: str, report: ValidationReport) -> None:
+def _check_twin(twin: AnyPath, name: str, report: ValidationReport) -> None:
     """A JSONL twin must hold as many rows as its Parquet shard."""
-    expected = pq.ParquetFile(twin.with_suffix(".parquet")).metadata.num_rows
+    expected = parquet_metadata(twin.with_suffix(".parquet")).num_rows
     with twin.open(encoding="utf-8") as handle:
         found = sum(1 for line in handle if line.strip())
     if found != expected:

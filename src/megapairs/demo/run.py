@@ -131,8 +131,8 @@ def annotator_note(config: PipelineConfig) -> str:
         )
     return (
         f"demo: annotating with the `{annotate.backend}` backend: describer "
-        f"{annotate.describer.model} ({annotate.describer.base_url}), instructor "
-        f"{annotate.instructor.model} ({annotate.instructor.base_url})"
+        f"{annotate.describer.model} ({', '.join(annotate.describer.base_urls)}), instructor "
+        f"{annotate.instructor.model} ({', '.join(annotate.instructor.base_urls)})"
     )
 
 

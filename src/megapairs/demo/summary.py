@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from megapairs.corpus.store import read_corpus, read_rejects
-from megapairs.runs import RunDir, concat_tables
+from megapairs.runs import AnyPath, RunDir, concat_tables
 from megapairs.schemas import (
     ANNOTATION_FAILURES_DIR,
     ANNOTATION_FAILURES_SCHEMA,
@@ -42,7 +41,7 @@ class ExamplePair:
 
 @dataclass
 class RunSummary:
-    root: Path
+    root: AnyPath
     stages: dict[str, dict[str, Any]]
     images: int
     images_with_caption: int
@@ -125,7 +124,7 @@ def reject_examples(rejects: pa.Table, count: int = 8) -> list[tuple[str, str, s
 def summarize_run(run: RunDir, examples: int = 5, seed: int = 0) -> RunSummary:
     """Read a run directory into a summary."""
     if not run.manifest_path.exists():
-        raise FileNotFoundError(f"{run.root} is not a megapairs run (no manifest.json)")
+        raise FileNotFoundError(f"{run.uri} is not a megapairs run (no manifest.json)")
     corpus = read_corpus(run, columns=["id", "key", "caption", "has_caption"])
     rejects = read_rejects(run)
     pairs = read_pairs(run)

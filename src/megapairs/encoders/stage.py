@@ -25,7 +25,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from megapairs.config import EmbedConfig, PipelineConfig
 from megapairs.corpus.images import ImageRejected, open_rgb
@@ -44,6 +43,7 @@ from megapairs.embeddings import (
 )
 from megapairs.encoders.base import Encoder, ImageEncoder, Preprocessor, TextEncoder
 from megapairs.encoders.factory import build_encoder
+from megapairs.pipeline.stage import PartProgress, StageBase
 from megapairs.runs import RunDir, write_json, write_table
 from megapairs.schemas import rejects_table, with_sources
 
@@ -156,8 +156,8 @@ class PartOutput:
     skipped_no_caption: int = 0
 
 
-class EmbedStage:
-    """Embeds every corpus part with one channel's encoder."""
+class EmbedStage(StageBase):
+    """Embeds every corpus part with one channel's encoder (the worker state)."""
 
     def __init__(self, config: PipelineConfig, channel: str, progress: bool = True) -> None:
         if channel not in config.channels:
@@ -166,8 +166,7 @@ class EmbedStage:
         self.config = config
         self.channel = channel
         self.channel_config = config.channels[channel]
-        self.progress = progress
-        self._encoder: Encoder | None = None
+        self.progress = progress  # shows transformers' weight-loading bars
 
     @property
     def name(self) -> str:
@@ -177,32 +176,36 @@ class EmbedStage:
     def config_sections(self) -> tuple[str, ...]:
         return (f"channels.{self.channel}", *EMBED_OUTPUT_SETTINGS)
 
-    @property
-    def encoder(self) -> Encoder:
-        """The channel's encoder, built on first use."""
-        if self._encoder is None:
-            embed = self.config.embed
-            with loading_bars(self.progress):
-                self._encoder = build_encoder(self.channel_config, embed.device, embed.dtype)
-        return self._encoder
+    def needs_actor(self) -> bool:
+        """An encoder is costly to load: keep it in long-lived workers."""
+        return True
+
+    def wants_gpu(self) -> bool:
+        return self.config.embed.device != "cpu"
 
     def plan(self, run: RunDir) -> list[str]:
         return corpus_parts(run)
 
-    def prepare(self, run: RunDir) -> None:
-        """Build the encoder and record what it is beside the channel's shards."""
+    def setup(self, run: RunDir) -> Encoder:
+        """Build the channel's encoder and record what it is beside the channel's shards."""
+        embed = self.config.embed
+        with loading_bars(self.progress):
+            encoder = build_encoder(self.channel_config, embed.device, embed.dtype)
         info = {
             "channel": self.channel,
             "encoder": self.channel_config.encoder,
             "model": self.channel_config.model,
             "options": self.channel_config.options,
-            **self.encoder.describe(),
+            **encoder.describe(),
         }
         write_json(run.folder(channel_folder(self.channel)) / ENCODER_INFO, info)
+        return encoder
 
-    def run_part(self, run: RunDir, part: str) -> dict[str, int]:
-        embed_part = PART_EMBEDDERS[self.encoder.modality]
-        output = embed_part(self, run, part)
+    def run_part(
+        self, run: RunDir, part: str, state: Encoder, progress: PartProgress
+    ) -> dict[str, int]:
+        embed_part = PART_EMBEDDERS[state.modality]
+        output = embed_part(self, state, run, part, progress)
         write_shard(run, self.channel, part, np.asarray(output.ids, np.int64), output.vectors)
         self._write_rejects(run, part, output.failures)
         return {
@@ -210,11 +213,6 @@ class EmbedStage:
             "failed": len(output.failures),
             "skipped_no_caption": output.skipped_no_caption,
         }
-
-    def progress_bar(self, total: int, part: str) -> tqdm:
-        """A bar over one part's batches (off when the stage was made with progress=False)."""
-        desc = f"{self.name} {part}"
-        return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not self.progress)
 
     def _write_rejects(self, run: RunDir, part: str, failures: list[ImageItem]) -> None:
         """rejects/embed.<channel>-part-N.parquet, or no file (and no stale one) if none."""
@@ -234,9 +232,10 @@ def reject_rows(corpus: pa.Table, failures: list[ImageItem], stage: str) -> pa.T
     return with_sources(rejects, corpus)
 
 
-def embed_image_part(stage: EmbedStage, run: RunDir, part: str) -> PartOutput:
+def embed_image_part(
+    stage: EmbedStage, encoder: Encoder, run: RunDir, part: str, progress: PartProgress
+) -> PartOutput:
     """Decode and preprocess a part's images in DataLoader workers; encode batch by batch."""
-    encoder = stage.encoder
     if not isinstance(encoder, ImageEncoder):
         raise TypeError(f"{stage.name}: {encoder.name} is not an image encoder")
     table = read_corpus(run, part, columns=["id", "path"])
@@ -252,13 +251,12 @@ def embed_image_part(stage: EmbedStage, run: RunDir, part: str) -> PartOutput:
     ids: list[int] = []
     vectors = [encoder.empty()]
     failures: list[ImageItem] = []
-    with stage.progress_bar(len(loader), part) as bar:
-        for batch in loader:
-            if batch.pixels is not None:
-                vectors.append(encoder.encode_pixels(batch.pixels))
-            ids.extend(batch.ids)
-            failures.extend(batch.failures)
-            bar.update()
+    for done, batch in enumerate(loader, start=1):
+        if batch.pixels is not None:
+            vectors.append(encoder.encode_pixels(batch.pixels))
+        ids.extend(batch.ids)
+        failures.extend(batch.failures)
+        progress(done, len(loader))
     return PartOutput(ids, np.concatenate(vectors), failures)
 
 
@@ -274,9 +272,10 @@ def image_loader(records: ImageRecords, embed: EmbedConfig, pin_memory: bool) ->
     )
 
 
-def embed_text_part(stage: EmbedStage, run: RunDir, part: str) -> PartOutput:
+def embed_text_part(
+    stage: EmbedStage, encoder: Encoder, run: RunDir, part: str, progress: PartProgress
+) -> PartOutput:
     """Embed the captions of a part's captioned records, `embed.batch_size` at a time."""
-    encoder = stage.encoder
     if not isinstance(encoder, TextEncoder):
         raise TypeError(f"{stage.name}: {encoder.name} is not a text encoder")
     table = read_corpus(run, part, columns=["id", "caption", "has_caption"])
@@ -289,15 +288,17 @@ def embed_text_part(stage: EmbedStage, run: RunDir, part: str) -> PartOutput:
             captions.append(caption)
     size = stage.config.embed.batch_size
     vectors = [encoder.empty()]
-    with stage.progress_bar(-(-len(captions) // size), part) as bar:
-        for start in range(0, len(captions), size):
-            vectors.append(encoder.encode_texts(captions[start : start + size]))
-            bar.update()
+    batches = -(-len(captions) // size)
+    for done, start in enumerate(range(0, len(captions), size), start=1):
+        vectors.append(encoder.encode_texts(captions[start : start + size]))
+        progress(done, batches)
     skipped = table.num_rows - len(ids)
     return PartOutput(ids, np.concatenate(vectors), skipped_no_caption=skipped)
 
 
-PART_EMBEDDERS: dict[str, Callable[[EmbedStage, RunDir, str], PartOutput]] = {
+PART_EMBEDDERS: dict[
+    str, Callable[[EmbedStage, Encoder, RunDir, str, PartProgress], PartOutput]
+] = {
     ImageEncoder.modality: embed_image_part,
     TextEncoder.modality: embed_text_part,
 }

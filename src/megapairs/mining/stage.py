@@ -14,13 +14,14 @@ from megapairs.config import PipelineConfig
 from megapairs.corpus.store import INGEST_STAGE, read_corpus, rejects_path
 from megapairs.mining.mine import Window, mine_part, unpaired_rejects
 from megapairs.neighbours.stage import neighbours_folder, neighbours_stage_name
+from megapairs.pipeline.stage import PartProgress, StageBase
 from megapairs.runs import RunDir, read_table, write_table
 from megapairs.schemas import CORPUS_SCHEMA, PAIRS_DIR, rejects_table, with_sources
 
 STAGE_NAME = "mine"
 
 
-class MineStage:
+class MineStage(StageBase):
     """Pairs and hard negatives for every query of a part, from its channels' neighbours."""
 
     name = STAGE_NAME
@@ -50,10 +51,9 @@ class MineStage:
             )
         return sorted(parts)
 
-    def prepare(self, run: RunDir) -> None:
-        """Nothing is shared between parts."""
-
-    def run_part(self, run: RunDir, part: str) -> dict[str, int]:
+    def run_part(
+        self, run: RunDir, part: str, state: None, progress: PartProgress
+    ) -> dict[str, int]:
         neighbours = {c: self._read_neighbours(run, c, part) for c in self.windows}
         pairs = mine_part(neighbours, self.windows, self.config.mine)
         corpus = part_corpus(run, part)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from megapairs.pipeline.runner import StageResult
 
-# total -> the counts it must equal the sum of, for any stage that records all of them
-BALANCES = {"records": ("kept", "rejected"), "pairs": ("annotated", "failed")}
+# (total, the counts it must equal the sum of), for any stage that records all of them
+BALANCES = (
+    ("records", ("kept", "rejected")),  # ingest
+    ("records", ("valid", "invalid")),  # ingest.decode
+    ("pairs", ("annotated", "failed")),  # annotate
+)
 
 
 def accounting_errors(results: list[StageResult]) -> list[str]:
@@ -13,7 +17,7 @@ def accounting_errors(results: list[StageResult]) -> list[str]:
     errors = []
     for result in results:
         counts = result.counts
-        for total, parts in BALANCES.items():
+        for total, parts in BALANCES:
             if not {total, *parts} <= counts.keys():
                 continue
             summed = sum(counts[p] for p in parts)

@@ -12,9 +12,9 @@ CHANNEL_STEPS = frozenset({"embed", "neighbours", "mine"})  # steps that need a 
 
 
 def ingest_stages(config: PipelineConfig, progress: bool) -> list[Stage]:
-    from megapairs.corpus.ingest import IngestStage
+    from megapairs.corpus.ingest import ingest_stages as build
 
-    return [IngestStage(config)]
+    return build(config)
 
 
 def embed_stages(config: PipelineConfig, progress: bool) -> list[Stage]:

@@ -7,7 +7,8 @@
 `EndpointConfig.model` is a hub name or a local folder; `device` / `dtype` as the
 encoders read them (`auto`: cuda + float16 when present, else cpu + float32), checked
 when the backend is built; `max_tokens`, `temperature`, `top_p` and `batch_size` apply;
-`base_url`, `api_key_env`, `timeout` and `extra_body` are the openai backend's.
+`base_url`, `api_key_env`, `timeout`, `extra_body`, `cooldown` and `cooldown_max` are
+the openai backend's.
 
 Each role's model loads lazily, in a worker thread, on that role's first request: a run
 whose describer answers are all cached never loads the VLM. A model that does not load

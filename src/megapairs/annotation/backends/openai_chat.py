@@ -4,9 +4,12 @@ It talks to vLLM, SGLang, the llama.cpp server, Ollama and hosted APIs alike: on
 `POST {base_url}/chat/completions` per request, images as base64 data URLs in
 `image_url` content parts, the per-pair seed in `seed`, and the endpoint's
 `extra_body` merged into the JSON body. The describer and the instructor may be
-different servers. The API key is read from the environment variable named by the
-endpoint's `api_key_env` at send time, sent as `Authorization: Bearer ...` only when
-set, and never logged or written into an error.
+different servers, and each may be several servers of the same model (`base_url` a
+list): every attempt picks one (`servers.ServerPool`: fewest in flight, a server that
+times out, refuses connections or answers 5xx sits out a growing cool-down and the retry
+goes elsewhere); `server_stats()` says what each did. The API key is read from the
+environment variable named by the endpoint's `api_key_env` at send time, sent as
+`Authorization: Bearer ...` only when set, and never logged or written into an error.
 
 Retry policy (per request, `max_retries` retries after the first attempt):
 - retried: timeouts, connection errors, HTTP 429 and 5xx, and malformed answers (an
@@ -17,9 +20,10 @@ Retry policy (per request, `max_retries` retries after the first attempt):
 - not retried: any other 4xx (`client_error`) and an answer whose content is empty
   (`empty_response`): resending the same request would not change them.
 A request that fails for good raises `BackendError` with the reason of its last attempt.
-At most `concurrency` HTTP requests are in flight (a semaphore; a request waiting to
-retry does not hold a slot). The HTTP client and the semaphore belong to the running
-event loop: they are created on first use in a loop and released by `aclose()`.
+At most `concurrency` HTTP requests are in flight, over all servers (a semaphore; a
+request waiting to retry, or for a server to come back, does not hold a slot). The HTTP
+client and the semaphore belong to the running event loop: they are created on first
+use in a loop and released by `aclose()`.
 HTTP goes through httpx2 (httpx's maintained fork, installed with transformers) when
 present, else httpx: httpcore 1.0's connection pool costs several times more CPU per
 request with dozens of connections open.
@@ -29,11 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import logging
 import os
 import re
 import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +59,7 @@ except ImportError:  # pragma: no cover - same API; httpcore 1.0 pools cost ~8x 
     import httpx  # type: ignore[no-redef]
 
 from megapairs.annotation.backends.base import BACKENDS
+from megapairs.annotation.backends.servers import Server, ServerPool, ServerStats
 from megapairs.annotation.types import (
     BackendError,
     ChatMessage,
@@ -111,6 +119,7 @@ class OpenAIBackend:
             "describer": config.describer,
             "instructor": config.instructor,
         }
+        self._pools = {role: server_pool(role, ep) for role, ep in self._endpoints.items()}
         self._state: _LoopState | None = None
 
     def __repr__(self) -> str:
@@ -120,11 +129,20 @@ class OpenAIBackend:
     def model_name(self, role: Role) -> str:
         return self._endpoints[role].model
 
+    def server_stats(self) -> dict[Role, list[ServerStats]]:
+        """Per role, what each of its servers did (requests, failures, times taken out)."""
+        return {role: pool.stats() for role, pool in self._pools.items()}
+
     def check_ready(self) -> None:
-        """Fail early, before any pair is sent, when a server is unreachable or does not
-        serve the configured model (checked with GET /models where the server has it)."""
+        """Fail early, before any pair is sent, when no server of a role can be reached or a
+        server does not serve the configured model (GET /models, where the server has it).
+        Servers that cannot be reached while others of their role can are taken out."""
         for role, endpoint in self._endpoints.items():
-            check_endpoint(role, endpoint)
+            down = check_servers(role, endpoint)
+            pool = self._pools[role]
+            for server in pool.servers:
+                if server.url in down:
+                    pool.take_out(server, f"the readiness check ({down[server.url]})")
 
     async def complete(self, request: PromptRequest) -> Completion:
         endpoint = self._endpoints[request.role]
@@ -134,7 +152,7 @@ class OpenAIBackend:
             async for attempt in self._retrying():
                 with attempt:
                     attempt_number = attempt.retry_state.attempt_number
-                    text = await self._attempt(endpoint, body)
+                    text = await self._attempt(request.role, body)
                     return Completion(text=text, attempts=attempt_number)
         except _AttemptFailed as failed:
             error = failed.error
@@ -178,14 +196,14 @@ class OpenAIBackend:
             reraise=True,
         )
 
-    async def _attempt(self, endpoint: EndpointConfig, body: dict[str, Any]) -> str:
-        """One HTTP attempt: the answer's content, or `_AttemptFailed`."""
-        state = self._loop_state()
-        url = chat_url(endpoint.base_url)
+    async def _attempt(self, role: Role, body: dict[str, Any]) -> str:
+        """One HTTP attempt on a server of `role`: the answer's content, or `_AttemptFailed`."""
+        endpoint, state = self._endpoints[role], self._loop_state()
         key = os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        where = f"model {endpoint.model!r} at {safe_url(url)}"
-        async with state.slots:
+        async with _server_slot(self._pools[role], state.slots) as server:
+            url = chat_url(server.url)
+            where = f"model {endpoint.model!r} at {safe_url(url)}"
             try:
                 async with asyncio.timeout(endpoint.timeout):
                     response = await state.client.post(
@@ -208,32 +226,98 @@ class OpenAIBackend:
                 reason = _redact(f"{type(exc).__name__}: {exc}", key)
                 detail = f"{where} sent a response that could not be read ({reason})"
                 raise _AttemptFailed(BackendError("malformed_response", detail)) from exc
-        return read_answer(response, where, key)
+            return read_answer(response, where, key)
 
 
-def check_endpoint(role: Role, endpoint: EndpointConfig) -> None:
-    """Raise RuntimeError when `endpoint` cannot be reached or lists other models only."""
-    url = endpoint.base_url.rstrip("/") + "/models"
+@contextlib.asynccontextmanager
+async def _server_slot(pool: ServerPool, slots: asyncio.Semaphore) -> AsyncIterator[Server]:
+    """A concurrency slot and a server for one attempt, handed back with the attempt's
+    outcome; while every server is cooling down it waits without holding a slot."""
+    while True:
+        await pool.wait()
+        await slots.acquire()
+        server = pool.pick()
+        if server is not None:
+            break
+        slots.release()
+    try:
+        yield server
+    except _AttemptFailed as failed:
+        pool.done(server, failed.error.reason)
+        raise
+    except BaseException:  # cancelled: no outcome to judge the server by
+        pool.release(server)
+        raise
+    else:
+        pool.done(server, None)
+    finally:
+        slots.release()
+
+
+def server_pool(role: Role, endpoint: EndpointConfig) -> ServerPool:
+    return ServerPool(
+        f"annotate.{role}",
+        endpoint.base_urls,
+        cooldown=endpoint.cooldown,
+        cooldown_max=endpoint.cooldown_max,
+        label=safe_url,
+    )
+
+
+START_HINT = "start the server (see the README's recipe) or use annotate.backend=template"
+
+
+def check_servers(role: Role, endpoint: EndpointConfig) -> dict[str, str]:
+    """The servers of `role` that cannot be reached, with why (`check_server`); raises
+    RuntimeError when none can be, or when one serves other models only."""
+    urls = endpoint.base_urls
+    timeout = httpx.Timeout(min(endpoint.timeout, 10.0))
+    with (
+        httpx.Client(timeout=timeout) as client,  # one client: its TLS set-up costs ~0.1 s
+        ThreadPoolExecutor(max_workers=min(len(urls), 16)) as threads,
+    ):
+        problems = list(threads.map(lambda url: check_server(role, endpoint, url, client), urls))
+    down = {url: problem for url, problem in zip(urls, problems, strict=True) if problem}
+    if len(urls) == 1 and down:
+        raise RuntimeError(f"annotate.{role}: cannot reach {down[urls[0]]}; {START_HINT}")
+    if len(down) == len(urls):
+        listed = ", ".join(down.values())
+        raise RuntimeError(
+            f"annotate.{role}: cannot reach any of its {len(urls)} servers ({listed}); {START_HINT}"
+        )
+    return down
+
+
+def check_server(
+    role: Role, endpoint: EndpointConfig, base_url: str, client: httpx.Client
+) -> str | None:
+    """None when `base_url` answers GET /models, else what could not be reached (no
+    credentials); raises RuntimeError when it is not an http(s) URL (it never will be) or
+    lists other models only."""
+    url = base_url.rstrip("/") + "/models"
     key = os.environ.get(endpoint.api_key_env, "")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        response = httpx.get(url, headers=headers, timeout=min(endpoint.timeout, 10.0))
-    except (httpx.HTTPError, httpx.InvalidURL) as err:
+        response = client.get(url, headers=headers)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as err:
         raise RuntimeError(
-            f"annotate.{role}: cannot reach {safe_url(url)} ({type(err).__name__}); start the "
-            "server (see the README's recipe) or use annotate.backend=template"
+            f"annotate.{role}: cannot reach {safe_url(url)}: not an http(s) URL "
+            f"({type(err).__name__})"
         ) from None
+    except httpx.HTTPError as err:
+        return f"{safe_url(url)} ({type(err).__name__})"
     if response.status_code != 200:
-        return  # not every server lists its models; the first request will tell
+        return None  # not every server lists its models; the first request will tell
     try:
         served = [item["id"] for item in response.json().get("data", [])]
     except (ValueError, TypeError, KeyError, AttributeError):
-        return
+        return None
     if served and endpoint.model not in served:
         raise RuntimeError(
             f"annotate.{role}.model {endpoint.model!r} is not served at "
-            f"{safe_url(endpoint.base_url)}; it serves: {', '.join(served)}"
+            f"{safe_url(base_url)}; it serves: {', '.join(served)}"
         )
+    return None
 
 
 def request_body(endpoint: EndpointConfig, request: PromptRequest) -> dict[str, Any]:
