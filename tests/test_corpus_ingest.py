@@ -34,11 +34,13 @@ from megapairs.corpus.ingest import (
     clean_caption,
     decode_part,
     find_duplicates,
+    ingest_stages,
     split_part,
     validate_record,
 )
 from megapairs.corpus.readers import SourceRecord
 from megapairs.corpus.store import read_corpus, read_part_images, read_rejects
+from megapairs.pipeline.runner import LocalRunner
 from megapairs.runs import RunDir
 from megapairs.schemas import (
     CORPUS_SCHEMA,
@@ -405,3 +407,26 @@ def test_duplicates_keep_the_lowest_id_whatever_the_part_order():
     assert parts[2].images == [
         {"id": record_id(2, i), "image": png_bytes(n)} for i, n in ((0, 2), (1, 1), (2, 1))
     ]
+
+
+def test_any_part_order_gives_the_same_tables_and_keepers(tmp_path):
+    """Parts decoded and filtered last to first (as another runner may) keep the lowest id
+    of each group of duplicates, exactly as in plan order."""
+    folder = folder_with_repeats(tmp_path / "in")
+    config = make_config(folder, shard_size=2, ingest={"store_images": "always"})
+    forward = run_ingest(tmp_path / "forward", config)
+    runner = LocalRunner(RunDir(tmp_path / "reverse"), config, progress=False, order=reversed_parts)
+    backward = runner.run_all(ingest_stages(config))[-1]
+    assert backward.counts == forward.counts
+    assert output_files(tmp_path / "reverse") == output_files(tmp_path / "forward")
+    rejects = read_rejects(RunDir(tmp_path / "reverse")).to_pylist()
+    kept_a = record_id(0, 0)  # a.png, the first of the three identical images
+    assert sorted((r["key"], r["duplicate_of"]) for r in rejects) == [
+        ("c.png", kept_a),
+        ("e.png", record_id(1, 1)),  # d.png
+        ("f.png", kept_a),
+    ]
+
+
+def reversed_parts(parts: list[str]) -> list[str]:
+    return parts[::-1]

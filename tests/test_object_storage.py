@@ -9,10 +9,8 @@ killed with SIGKILL and started again, holds the same tables as a local run.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from corpus_fixtures import (
     write_manifest,
     write_tar,
 )
+from process_fixtures import kill_9_once_it_exists, start_cli
 from s3_fixtures import local_run_contents, new_bucket, remote_files, remote_run_contents, upload
 
 from megapairs.annotation.cache import AnswerCache, CacheKey
@@ -374,18 +373,9 @@ def test_kill_9_on_s3_then_same_command_is_identical(s3_env, tmp_path, config, l
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     url = new_bucket()
     command = ["synthesize", "--config", str(config_file), "--run", url, "--quiet"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "megapairs.cli", *command],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    process = start_cli(command)
     marker = as_path(url) / "_progress" / "embed.image_pattern" / "part-00000.json"
-    deadline = time.monotonic() + 240
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert process.poll() is None, f"finished before the kill: {process.stderr.read()!r}"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_9_once_it_exists(process, marker, poll=0.1)
     assert not (as_path(url) / "_progress" / "mine").exists()
     assert main(command) == 0
     assert remote_run_contents(url, TIMED) == local_contents

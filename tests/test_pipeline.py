@@ -6,11 +6,6 @@ uninterrupted run (the dataset included)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from process_fixtures import kill_9_once_it_exists, start_cli
 
 from megapairs.cli import main
 from megapairs.config import PipelineConfig, load_config
@@ -184,18 +180,11 @@ def test_kill_9_then_same_command_is_identical(tmp_path, config: PipelineConfig,
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     run = RunDir(tmp_path / "run")
-    command = [sys.executable, "-m", "megapairs.cli", "synthesize", "--config", str(config_file)]
-    command += ["--run", str(run.root), "--quiet"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    marker = run.root / "_progress" / "embed.image_pattern" / "part-00000.json"
-    deadline = time.monotonic() + 240
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert process.poll() is None, f"finished before the kill: {process.stderr.read()!r}"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (run.root / "_progress" / "mine").exists()
-    assert (
-        main(["synthesize", "--config", str(config_file), "--run", str(run.root), "--quiet"]) == 0
+    command = ["synthesize", "--config", str(config_file), "--run", str(run.root), "--quiet"]
+    process = start_cli(command)
+    kill_9_once_it_exists(
+        process, run.root / "_progress" / "embed.image_pattern" / "part-00000.json"
     )
+    assert not (run.root / "_progress" / "mine").exists()
+    assert main(command) == 0
     assert run_contents(run) == run_contents(reference)

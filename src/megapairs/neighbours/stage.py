@@ -159,6 +159,7 @@ class NeighboursStage(StageBase):
         if info is None:
             raise FileNotFoundError(f"{self._path(run, INDEX_INFO_FILE)} is missing; run prepare")
         engine, gpu = resolve_engine(cfg.engine, cfg.gpu)
+        index: faiss.Index | TorchIndex
         if engine == "torch":
             index = self._open_torch(run, info, gpu)
             reconstruct = reconstructor(index)
