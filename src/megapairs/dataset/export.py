@@ -402,14 +402,10 @@ def shareable_config(config: PipelineConfig) -> dict[str, Any]:
     return data
 
 
-def write_dataset_info(
-    run: RunDir, config: PipelineConfig, just_written: dict[str, dict[str, int]] | None = None
-) -> dict[str, Any]:
-    """Rewrite dataset_info.json from the finished export parts (plus `just_written`, a part
-    whose marker the runner has not written yet); returns what it wrote."""
+def write_dataset_info(run: RunDir, config: PipelineConfig) -> dict[str, Any]:
+    """Rewrite dataset_info.json from the finished export parts; returns what it wrote."""
     planned = set(run.done_parts(ANNOTATE_STAGE))
     parts = {p: c for p, c in run.part_counts(STAGE_NAME).items() if p in planned}
-    parts.update(just_written or {})
     parts = dict(sorted(parts.items()))
     pending = sorted(set(run.done_parts(MINE_STAGE)) - set(parts))
     totals: Counter[str] = Counter()
