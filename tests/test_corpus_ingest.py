@@ -28,6 +28,7 @@ from corpus_fixtures import (
 from megapairs.corpus.images import ImageLimits
 from megapairs.corpus.ingest import (
     PLAN_FILE,
+    DecodeStage,
     IngestStage,
     RejectedRecord,
     ValidRecord,
@@ -347,9 +348,12 @@ def test_resume_refuses_a_manifest_that_changed_since_planning(tmp_path):
 def test_a_changed_input_config_is_replanned_in_a_fresh_run(tmp_path):
     folder = write_files(tmp_path / "in", {"a.jpg": jpeg_bytes(1), "b.jpg": jpeg_bytes(2)})
     run = RunDir(tmp_path / "run")
-    stage = IngestStage(make_config(folder, shard_size=1))
+    stage = DecodeStage(make_config(folder, shard_size=1))
     assert stage.plan(run) == ["part-00000", "part-00001"]
-    assert IngestStage(make_config(folder, shard_size=5)).plan(run) == ["part-00000"]
+    assert IngestStage(make_config(folder, shard_size=1)).plan(run) == stage.plan(run)
+    assert DecodeStage(make_config(folder, shard_size=5)).plan(run) == ["part-00000"]
+    with pytest.raises(RuntimeError, match="holds no plan for this input config"):
+        IngestStage(make_config(folder, shard_size=1)).plan(run)  # planned for another
 
 
 # the pure and the ordered steps on their own --------------------------------------------

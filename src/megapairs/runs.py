@@ -134,17 +134,23 @@ def atomic_path(path: AnyPath) -> Iterator[Path]:
 
 
 @contextmanager
+def _scratch_file(name: str) -> Iterator[Path]:
+    """An empty file in the system temp folder, deleted afterwards."""
+    fd, tmp = tempfile.mkstemp(prefix="megapairs-", suffix=f"-{name}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@contextmanager
 def _uploaded_on_success(path: AnyPath) -> Iterator[Path]:
     """A temp file in the system temp folder, uploaded to `path` (one object) on success."""
-    fd, tmp = tempfile.mkstemp(prefix="megapairs-", suffix=f"-{path.name}")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
+    with _scratch_file(path.name) as tmp:
+        yield tmp
         fs, key = filesystem(path)
-        fs.put_file(tmp, key)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+        fs.put_file(str(tmp), key)
 
 
 @contextmanager
@@ -155,14 +161,10 @@ def local_file(path: AnyPath) -> Iterator[Path]:
     if local is not None:
         yield local
         return
-    fd, tmp = tempfile.mkstemp(prefix="megapairs-", suffix=f"-{path.name}")
-    os.close(fd)
-    try:
+    with _scratch_file(path.name) as tmp:
         fs, key = filesystem(path)
-        fs.get_file(key, tmp)
-        yield Path(tmp)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        fs.get_file(key, str(tmp))
+        yield tmp
 
 
 def write_json(path: AnyPath, data: Any) -> None:
@@ -205,6 +207,11 @@ def parquet_metadata(path: AnyPath) -> pq.FileMetaData:
     """The footer of a Parquet file (row counts, schema) without reading its data."""
     with arrow_source(path) as source:
         return pq.read_metadata(source)
+
+
+def parquet_rows(path: AnyPath) -> int:
+    """The row count of a Parquet file from its footer; 0 when the file does not exist."""
+    return parquet_metadata(path).num_rows if path.exists() else 0
 
 
 def read_array(path: AnyPath, mmap: bool = False) -> np.ndarray:

@@ -306,6 +306,18 @@ def load_or_create_plan(run: RunDir, config: InputConfig) -> list[InputPart]:
     return parts
 
 
+def stored_plan(run: RunDir, config: InputConfig) -> list[InputPart]:
+    """The input parts `load_or_create_plan` stored for `config` (on the driver), read back
+    without a second check of every source file (workers, the filter step)."""
+    path = run.folder(CORPUS_DIR) / PLAN_FILE
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if stored.get("input") != config.model_dump(mode="json"):
+        raise RuntimeError(
+            f"{path} holds no plan for this input config: run the {DECODE_STAGE} step first"
+        )
+    return [InputPart.from_json(p) for p in stored["parts"]]
+
+
 def source_stamps(parts: list[InputPart]) -> dict[str, list[int | str]]:
     """(size, mtime_ns) of every local input file the parts read rows or members from;
     (size, ETag or modification time) of a remote one."""
@@ -354,8 +366,8 @@ class DecodeStage(StageBase):
         return [part_name(i) for i in range(len(load_or_create_plan(run, self.config.input)))]
 
     def setup(self, run: RunDir) -> list[InputPart]:
-        """The stored input plan (made by `plan` on the driver)."""
-        return load_or_create_plan(run, self.config.input)
+        """The stored input plan (made and checked by `plan` on the driver)."""
+        return stored_plan(run, self.config.input)
 
     def run_part(
         self, run: RunDir, part: str, state: list[InputPart], progress: PartProgress
@@ -391,7 +403,8 @@ class IngestStage(StageBase):
         self.config = config
 
     def plan(self, run: RunDir) -> list[str]:
-        return DecodeStage(self.config).plan(run)
+        """The parts `ingest.decode` planned (its plan checked the input files)."""
+        return [part_name(i) for i in range(len(stored_plan(run, self.config.input)))]
 
     def prepare(self, run: RunDir) -> None:
         """Find the duplicates over every decoded part; write them to decoded/."""

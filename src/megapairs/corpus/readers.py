@@ -39,7 +39,15 @@ import pyarrow.parquet as pq
 
 from megapairs.config import InputConfig
 from megapairs.registry import Registry
-from megapairs.runs import AnyPath, arrow_source, as_path, filesystem, is_url, local_path
+from megapairs.runs import (
+    AnyPath,
+    arrow_source,
+    as_path,
+    filesystem,
+    is_url,
+    local_path,
+    parquet_metadata,
+)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SIDECAR_SUFFIXES = frozenset({".txt", ".json"})
@@ -596,9 +604,7 @@ class ParquetReader:
                     f"column {config.image_column!r} of {str(path)!r} has type {kind}, "
                     "not binary or a struct with `bytes`; use input.format=manifest for paths"
                 )
-            with arrow_source(path) as source:
-                rows = pq.ParquetFile(source).metadata.num_rows
-            parts += _row_parts("parquet", path, rows, config)
+            parts += _row_parts("parquet", path, parquet_metadata(path).num_rows, config)
         return parts
 
     def read(self, part: InputPart) -> Iterator[SourceRecord]:

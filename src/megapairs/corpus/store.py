@@ -4,7 +4,6 @@ source image files, local or on object storage (a URL such as `s3://bucket/a.jpg
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -82,4 +81,4 @@ def source_size(path: str) -> int:
 
 def read_source(path: str) -> bytes:
     """The bytes of a source file: a local path or a URL."""
-    return Path(path).read_bytes() if not is_url(path) else read_bytes(as_path(path))
+    return read_bytes(as_path(path))

@@ -48,7 +48,7 @@ from megapairs.runs import (
     is_url,
     local_path,
     now_iso,
-    parquet_metadata,
+    parquet_rows,
     part_name,
     read_table,
     write_json,
@@ -195,7 +195,7 @@ class ExportStage(StageBase):
 
     def finalize(self, run: RunDir, counts: dict[str, dict[str, Any]]) -> None:
         """Write dataset_info.json from the finished parts (stage-wide, so only here)."""
-        write_dataset_info(run, self.config)
+        write_dataset_info(run, self.config, counts)
 
 
 def annotations_digest(run: RunDir, part: str) -> str:
@@ -216,7 +216,7 @@ def annotated_pairs(run: RunDir, part: str) -> tuple[pa.Table, int]:
     number of failed pairs; refuses a part whose pairs != annotated + failed."""
     pairs = read_table(run.part_path(PAIRS_DIR, part), PAIR_COLUMNS)
     annotations = read_table(run.part_path(ANNOTATIONS_DIR, part), ANNOTATION_COLUMNS)
-    failed = _rows(run.part_path(ANNOTATION_FAILURES_DIR, part))
+    failed = parquet_rows(run.part_path(ANNOTATION_FAILURES_DIR, part))
     if pc.count_distinct(annotations["pair_id"]).as_py() != annotations.num_rows:
         raise ExportError(f"annotations of {part} list a pair more than once")
     position = pc.index_in(pairs["pair_id"], value_set=annotations["pair_id"])
@@ -232,11 +232,6 @@ def annotated_pairs(run: RunDir, part: str) -> tuple[pa.Table, int]:
     for name in ANNOTATION_COLUMNS[1:]:
         kept = kept.append_column(name, taken[name])
     return kept, failed
-
-
-def _rows(path: AnyPath) -> int:
-    """Rows of a Parquet file from its footer; 0 when there is no file."""
-    return parquet_metadata(path).num_rows if path.exists() else 0
 
 
 def referenced_ids(rows: pa.Table) -> np.ndarray:
@@ -402,11 +397,12 @@ def shareable_config(config: PipelineConfig) -> dict[str, Any]:
     return data
 
 
-def write_dataset_info(run: RunDir, config: PipelineConfig) -> dict[str, Any]:
-    """Rewrite dataset_info.json from the finished export parts; returns what it wrote."""
-    planned = set(run.done_parts(ANNOTATE_STAGE))
-    parts = {p: c for p, c in run.part_counts(STAGE_NAME).items() if p in planned}
-    parts = dict(sorted(parts.items()))
+def write_dataset_info(
+    run: RunDir, config: PipelineConfig, counts: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Rewrite dataset_info.json from the finished export parts' `counts` (part -> the
+    counts its marker holds, as the runner hands them to `finalize`); returns it."""
+    parts = dict(sorted(counts.items()))
     pending = sorted(set(run.done_parts(MINE_STAGE)) - set(parts))
     totals: Counter[str] = Counter()
     for counts in parts.values():

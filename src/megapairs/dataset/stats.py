@@ -25,6 +25,7 @@ from megapairs.runs import (
     as_path,
     concat_tables,
     parquet_metadata,
+    parquet_rows,
     read_table,
     relative_name,
 )
@@ -296,17 +297,13 @@ def part_balance(run: RunDir) -> list[PartBalance]:
         balance.append(
             PartBalance(
                 part=part,
-                pairs=_rows(run.part_path(PAIRS_DIR, part)),
-                annotated=_rows(run.part_path(ANNOTATIONS_DIR, part)),
-                failed=_rows(run.part_path(ANNOTATION_FAILURES_DIR, part)),
-                exported=_rows(dataset) if part in exported and dataset.exists() else None,
+                pairs=parquet_rows(run.part_path(PAIRS_DIR, part)),
+                annotated=parquet_rows(run.part_path(ANNOTATIONS_DIR, part)),
+                failed=parquet_rows(run.part_path(ANNOTATION_FAILURES_DIR, part)),
+                exported=parquet_rows(dataset) if part in exported and dataset.exists() else None,
             )
         )
     return balance
-
-
-def _rows(path: AnyPath) -> int:
-    return parquet_metadata(path).num_rows if path.exists() else 0
 
 
 def format_stats(stats: DatasetStats) -> str:

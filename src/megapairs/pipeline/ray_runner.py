@@ -31,9 +31,9 @@ from megapairs.pipeline.stage import (
     Stage,
     UsesAccelerator,
     execute_part,
+    holds_worker_state,
     no_progress,
     release_worker_state,
-    state_key,
 )
 from megapairs.runs import RunDir
 
@@ -123,17 +123,13 @@ def unpicklable_attributes(obj: object) -> list[str]:
 
 # worker side ----------------------------------------------------------------------
 
-_HELD: dict[str, tuple[str, str, str]] = {}  # whose worker state this process keeps
-
 
 def run_part_on_worker(stage: Stage, run: RunDir, part: str, config_key: str) -> dict[str, Any]:
     """Run and commit one part in a Ray worker. A worker process keeps the state (model,
     index) of one stage of one run at a time, so a long-lived worker does not pile them up."""
-    key = state_key(stage, run, config_key)
-    if _HELD.get("key") != key:
-        release_worker_state()
+    if not holds_worker_state(stage, run, config_key):
+        release_worker_state()  # another stage's (the cache holds one at most here)
         free_accelerator_memory()
-        _HELD["key"] = key
     return execute_part(stage, run, part, config_key, no_progress)
 
 

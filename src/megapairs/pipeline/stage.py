@@ -128,6 +128,11 @@ def worker_state(stage: Stage, run: RunDir, config_key: str) -> Any:
     return _WORKER_STATE[key]
 
 
+def holds_worker_state(stage: Stage, run: RunDir, config_key: str) -> bool:
+    """Whether this process has built `stage`'s worker state for `run` and this config."""
+    return state_key(stage, run, config_key) in _WORKER_STATE
+
+
 def release_worker_state(stage: Stage | None = None) -> None:
     """Forget cached worker state (of one stage, or all): frees models and indexes."""
     for key in list(_WORKER_STATE):
