@@ -8,7 +8,18 @@ Default answers: a request with `image_url` parts is a describer request and get
 description built from the words of the prompt's caption lines, about as many words as
 the prompt asks for; any other request is an instructor (or repair) request and gets
 `{"instructions": [...]}` with three or four distinct search requests that reuse those
-caption words. Pass `answer=` to replace them.
+caption words. Pass `answer=` to replace them (a callable returning the content, or
+(content, finish_reason)).
+
+What the server sees and checks, as real servers do:
+- images: it decodes them; asked about colours (the describer's capability probe), it
+  names each image's colour. `sees_images=False` plays a text-only model behind an
+  OpenAI-compatible server: images are dropped silently (no colours, no tokens counted).
+- `usage.prompt_tokens`: the prompt's words plus `image_tokens` per image it sees.
+- `api_key`: every route wants `Authorization: Bearer <api_key>`, else HTTP 401 whose
+  message echoes the key it got (as careless servers do: clients must redact it).
+- `models`: listed by `GET /v1/models` (unless `list_models=False`: then 404, as servers
+  without that route) and the only ones served: another model's chat request gets a 404.
 
 Faults are drawn per request from a RNG seeded by (seed, request body, how many times
 that body was seen), so a run's faults do not depend on thread timing, and a retried
@@ -124,11 +135,19 @@ class ChatServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        answer: Callable[[Body], str] | None = None,
+        answer: Callable[[Body], str | tuple[str, str]] | None = None,
         models: tuple[str, ...] = (),
+        list_models: bool = True,
+        api_key: str | None = None,
+        sees_images: bool | Callable[[Body], bool] = True,
+        image_tokens: int = 64,
     ) -> None:
         self.faults = faults or Faults()
-        self.models = models  # listed by GET /v1/models (empty: the list is empty)
+        self.models = models  # listed by GET /v1/models (empty: the list is empty, any served)
+        self.list_models = list_models
+        self.api_key = api_key  # None: no key wanted
+        self.sees_images = sees_images  # or per request: a callable of the body
+        self.image_tokens = image_tokens
         self.answer = answer or default_answer
         self._address = (host, port)
         self._lock = threading.Lock()
@@ -241,6 +260,12 @@ class ChatServer:
             return _Reply(400, _error_payload("the body is not JSON", "invalid_request_error"))
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return _Reply(400, _error_payload("'messages' is required", "invalid_request_error"))
+        refused = self._refusal(headers, body)
+        if refused is not None:
+            return refused
+        sees = self.sees_images(body) if callable(self.sees_images) else self.sees_images
+        if not sees:
+            body = without_images(body)
         faults = self.faults
         rng = self._rng(raw, faults.seed)
         fault = faults.draw(body, rng)
@@ -253,10 +278,26 @@ class ChatServer:
             self._requests.append(record)
         reply = _fault_reply(fault, body, headers, faults) if fault else None
         if reply is None:
-            reply = _Reply(200, _completion_payload(body, self.answer(body)))
+            answer = self.answer(body)
+            content, finish = answer if isinstance(answer, tuple) else (answer, "stop")
+            tokens = prompt_tokens(body, self.image_tokens)
+            reply = _Reply(200, _completion_payload(body, content, finish, tokens))
         reply.delay += faults.delay(rng) + (faults.hang if fault == "timeout" else 0.0)
         reply.record = record
         return reply
+
+    def _refusal(self, headers: dict[str, str], body: Body | None) -> _Reply | None:
+        """A 401 for a missing or wrong key, a 404 for a model not served; else None."""
+        if self.api_key is not None:
+            key = headers.get("authorization", "").removeprefix("Bearer ")
+            if key != self.api_key:
+                message = f"Incorrect API key provided: {key}"
+                return _Reply(401, _error_payload(message, "authentication_error"))
+        model = (body or {}).get("model")
+        if body is not None and self.models and model not in self.models:
+            message = f"The model `{model}` does not exist."
+            return _Reply(404, _error_payload(message, "NotFoundError"))
+        return None
 
     def _delivering(self, reply: _Reply) -> bool:
         """Whether to send `reply` (not when dead); counts a chat request as answered."""
@@ -322,7 +363,12 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/v1/models":
+        chat = self.server.chat
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        refused = chat._refusal(headers, None)
+        if refused is not None:
+            self._send(refused)
+        elif self.path.rstrip("/") == "/v1/models" and chat.list_models:
             listed = [{"id": name, "object": "model"} for name in self.server.chat.models]
             models = {"object": "list", "data": listed}
             self._send(_Reply(200, json.dumps(models).encode()))
@@ -390,8 +436,10 @@ def _error_payload(message: str, kind: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "code": None}}).encode()
 
 
-def _completion_payload(body: Body, content: str) -> bytes:
-    prompt_words = len(prompt_text(body).split())
+def _completion_payload(
+    body: Body, content: str, finish_reason: str = "stop", prompt_tokens: int | None = None
+) -> bytes:
+    prompt_words = len(prompt_text(body).split()) if prompt_tokens is None else prompt_tokens
     answer = {
         "id": f"chatcmpl-{hashlib.sha256(content.encode()).hexdigest()[:16]}",
         "object": "chat.completion",
@@ -401,7 +449,7 @@ def _completion_payload(body: Body, content: str) -> bytes:
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": content},
-                "finish_reason": "stop",
+                "finish_reason": finish_reason,
             }
         ],
         "usage": {
@@ -415,8 +463,10 @@ def _completion_payload(body: Body, content: str) -> bytes:
 
 # default answers
 def is_describer_request(body: Body) -> bool:
-    """Whether any message carries an `image_url` part."""
-    return any(part.get("type") == "image_url" for part in _parts(body))
+    """Whether any message carries an `image_url` part (or did, before a text-only server
+    dropped them)."""
+    dropped = bool(body.get(DROPPED_IMAGES))
+    return dropped or any(part.get("type") == "image_url" for part in _parts(body))
 
 
 def prompt_text(body: Body) -> str:
@@ -425,16 +475,80 @@ def prompt_text(body: Body) -> str:
 
 
 def caption_words(text: str) -> list[str]:
-    """Content words of the lines that mention a caption (else of the whole text), in order."""
-    lines = [ln.split(":", 1)[-1] for ln in text.splitlines() if "caption" in ln.lower()]
-    words = _content_words(" ".join(lines)) or _content_words(text)
+    """Content words of the pair's two caption lines (the last two `... caption: ...` lines,
+    after any demonstrations; else of the whole text), in order."""
+    lines = [ln.split(":", 1)[-1] for ln in text.splitlines() if "caption:" in ln.lower()]
+    words = _content_words(" ".join(lines[-2:])) or _content_words(text)
     return words or list(FALLBACK_WORDS)
 
 
 def default_answer(body: Body) -> str:
     if is_describer_request(body):
+        if "colour of the first image" in prompt_text(body).lower():  # asked to name colours
+            return colours_answer(body)
         return description_for(body)
     return json.dumps({"instructions": instructions_for(body)})
+
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "black": (10, 10, 10),
+    "white": (250, 250, 250),
+}
+
+
+def colours_answer(body: Body) -> str:
+    """The colour of each image, named as the nearest of `COLOURS` to its mean pixel."""
+    names = [nearest_colour(image_pixels(url)) for url in image_data_urls(body)]
+    return "The images are " + " and ".join(names) + "."
+
+
+def nearest_colour(rgb: tuple[float, float, float]) -> str:
+    return min(
+        COLOURS, key=lambda n: sum((a - b) ** 2 for a, b in zip(COLOURS[n], rgb, strict=True))
+    )
+
+
+def image_pixels(data_url: str) -> tuple[float, float, float]:
+    """The mean RGB colour of a base64 data URL's image."""
+    import base64
+    import io
+
+    from PIL import Image, ImageStat
+
+    data = base64.b64decode(data_url.split(",", 1)[1])
+    with Image.open(io.BytesIO(data)) as image:
+        red, green, blue = ImageStat.Stat(image.convert("RGB")).mean
+    return red, green, blue
+
+
+def image_data_urls(body: Body) -> list[str]:
+    return [p["image_url"]["url"] for p in _parts(body) if p.get("type") == "image_url"]
+
+
+def prompt_tokens(body: Body, per_image: int) -> int:
+    """The prompt's words plus `per_image` tokens for each image."""
+    return len(prompt_text(body).split()) + per_image * len(image_data_urls(body))
+
+
+DROPPED_IMAGES = "_images_dropped"  # marks a body whose images a text-only server dropped
+
+
+def without_images(body: Body) -> Body:
+    """`body` with its image parts dropped, as a text-only model's server does."""
+    if not image_data_urls(body):
+        return body
+    messages = []
+    for message in body.get("messages", []):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            kept = [p for p in content if not (isinstance(p, dict) and "image_url" in p)]
+            message = {**message, "content": kept}
+        messages.append(message)
+    return {**body, "messages": messages, DROPPED_IMAGES: True}
 
 
 def description_for(body: Body) -> str:
@@ -442,12 +556,17 @@ def description_for(body: Body) -> str:
     text = prompt_text(body)
     budget = re.search(r"\b(\d{2,3})\s+words\b", text)
     target = int(budget.group(1)) if budget else 70
-    words = itertools.cycle(caption_words(text))
+    found = caption_words(text)
+    words = itertools.cycle(found + [w for w in FALLBACK_WORDS if w not in found])
     templates = (
         "Both pictures share the {} and the {} in a similar arrangement.",
         "The target keeps the {} but places it beside a {} instead.",
         "Its {} looks brighter, while the {} stands closer to the viewer.",
         "A {} appears in the background and the {} changes its colour.",
+        "Soft daylight falls on the {} from the left, leaving the {} in shade.",
+        "Near the edge of the frame, a small {} rests against a wide {}.",
+        "Seen from slightly higher up, the {} seems smaller than the {}.",
+        "Overall the mood turns calmer, with the {} framed by a muted {}.",
     )
     sentences: list[str] = []
     count = 0

@@ -23,6 +23,7 @@ from megapairs.annotation.types import (
     ImagePart,
     PairContext,
     PromptRequest,
+    SetupError,
     TextPart,
 )
 from megapairs.config import AnnotateConfig, EndpointConfig
@@ -206,12 +207,14 @@ def test_api_key_is_sent_and_never_leaked(
     assert server.requests[0].headers["authorization"] == f"Bearer {SECRET}"
 
     server.faults.rule = lambda body: "http_401"  # the server echoes the key it got
-    error = failed(complete_one(backend, instruct_request()))
-    assert error.reason == "client_error" and error.attempts == 1
+    with pytest.raises(SetupError) as refused:  # a wrong key: stop, do not fail the pair
+        complete_one(backend, instruct_request())
     assert SECRET in server.requests[-1].headers["authorization"]
-    for text in (str(error), repr(error), error.detail, error.raw, repr(backend)):
+    assert len(server.requests) == 2  # not retried
+    for text in (str(refused.value), repr(refused.value), repr(backend)):
         assert SECRET not in text
-    assert "401" in error.detail and "<redacted>" in error.raw
+    assert "HTTP 401" in str(refused.value) and "<redacted>" in str(refused.value)
+    assert KEY_ENV in str(refused.value)
 
     monkeypatch.setenv(KEY_ENV, "")
     server.faults.rule = None
@@ -259,7 +262,6 @@ def test_retry_after_is_honoured(server: ChatServer) -> None:
         ("malformed_json", "malformed_response", 3),
         ("disconnect", "connection_error", 3),
         ("http_400", "client_error", 1),
-        ("http_401", "client_error", 1),
         ("empty", "empty_response", 1),
     ],
 )

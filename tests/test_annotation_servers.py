@@ -96,7 +96,7 @@ def backend_config(urls: list[str] | str, **overrides: Any) -> AnnotateConfig:
     }
     settings: dict[str, Any] = {
         "backend": "openai",
-        "describer": {"model": "vlm-test", **endpoint},
+        "describer": {"model": "vlm-test", "probe": False, **endpoint},  # counts pool requests
         "instructor": {"model": "llm-test", **endpoint},
         "concurrency": 8,
         "max_retries": 3,
@@ -375,7 +375,7 @@ def stage_config(urls: list[str]) -> PipelineConfig:
         "backoff_initial": 0.01,
         "backoff_max": 0.05,
         "flush_every": 8,
-        "describer": {"model": "fake-vlm", **endpoint},
+        "describer": {"model": "fake-vlm", "probe": False, **endpoint},  # counts requests
         "instructor": {"model": "fake-llm", **endpoint},
     }
     return PipelineConfig.model_validate({"seed": 7, "annotate": settings})
@@ -419,8 +419,8 @@ def test_a_server_dying_mid_run_loses_no_pair_and_answers_none_twice(
     built: list[OpenAIBackend] = []
     init = OpenAIBackend.__init__
 
-    def init_and_keep(self: OpenAIBackend, config: AnnotateConfig) -> None:
-        init(self, config)
+    def init_and_keep(self: OpenAIBackend, config: AnnotateConfig, *roles: Any) -> None:
+        init(self, config, *roles)
         built.append(self)  # the stage's backend, to read its server stats
 
     monkeypatch.setattr(OpenAIBackend, "__init__", init_and_keep)

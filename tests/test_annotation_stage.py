@@ -68,7 +68,9 @@ def openai_config(base_url: str, **annotate: Any) -> PipelineConfig:
         "backoff_initial": 0.01,
         "backoff_max": 2.0,
         "flush_every": 1,
-        "describer": {"model": "fake-vlm", **endpoint},
+        # (the capability probe's requests would blur the request counts here; it has its
+        # own tests in test_annotation_hardening.py)
+        "describer": {"model": "fake-vlm", "probe": False, **endpoint},
         "instructor": {"model": "fake-llm", **endpoint},
         **annotate,
     }

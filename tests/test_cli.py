@@ -121,3 +121,50 @@ def test_eval_command_writes_results_and_reuses_the_gallery_cache(tmp_path, caps
     missing = ["--data-root", str(tmp_path / "nowhere")]
     assert main([*args[:-7], *missing, "--quiet"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_validate_refuses_an_empty_dataset_unless_allowed(tmp_path, capsys):
+    (tmp_path / "dataset").mkdir()
+    assert main(["validate", str(tmp_path / "dataset")]) == 1
+    out = capsys.readouterr().out
+    assert "1 problems" in out and "the dataset is empty (no data files)" in out
+    assert main(["validate", str(tmp_path / "dataset"), "--allow-empty"]) == 0
+    assert ": OK" in capsys.readouterr().out
+
+
+def test_reset_mine_then_annotate_warns_that_it_has_nothing_to_do(tmp_path, capsys):
+    from run_fixtures import build_run
+
+    from megapairs.runs import RunDir
+
+    run = build_run(tmp_path, annotate=False).run
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"seed": 7}))
+    args = ["annotate", "--run", str(run.root), "--config", str(config), "--quiet"]
+    assert main(args) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["reset", "--run", str(run.root), "--stage", "mine"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in out[1:]] == [["mine", "deleted"], ["annotate", "deleted"]]
+    assert RunDir(run.root).done_parts("annotate") == []
+    assert main(args) == 0
+    assert (
+        "warning: annotate: nothing to do: no parts planned (its input is empty, or the stage "
+        "before it has not run)"
+    ) in capsys.readouterr().err
+
+
+def test_annotate_of_zero_pairs_is_a_warning(tmp_path, capsys):
+    from run_fixtures import build_run
+
+    from megapairs.runs import write_table
+    from megapairs.schemas import PAIRS_DIR, PAIRS_SCHEMA
+
+    fixture = build_run(tmp_path, annotate=False)
+    for part in fixture.parts:  # the mine stage found no pair
+        write_table(fixture.run.part_path(PAIRS_DIR, part), PAIRS_SCHEMA.empty_table())
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"seed": 7}))
+    args = ["annotate", "--run", str(fixture.run.root), "--config", str(config), "--quiet"]
+    assert main(args) == 0
+    assert "warning: annotate: got no pairs to annotate (pairs 0)" in capsys.readouterr().err

@@ -6,15 +6,37 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from run_fixtures import INSTRUCTIONS, FixtureRun, build_run, fixture_config
 
 from megapairs.dataset.export import ExportStage
-from megapairs.dataset.stats import PartBalance, Summary, dataset_stats, format_stats
+from megapairs.dataset.stats import (
+    DroppedStats,
+    PartBalance,
+    Summary,
+    dataset_stats,
+    dropped_stats,
+    format_stats,
+)
 from megapairs.pipeline.runner import LocalRunner
 from megapairs.runs import RunDir
-from megapairs.schemas import ANNOTATION_FAILURES_DIR
+from megapairs.schemas import ANNOTATION_FAILURES_DIR, ANNOTATIONS_DIR
+
+# part -> dropped_instructions of its annotation rows, in the rows' order
+DROPPED = {
+    "part-00000": [
+        [
+            "copied_demonstration: Find this car in orange instead of silver",
+            "ungrounded: find something like this one",
+            "duplicate: note: a colon in the text",
+        ],
+        [],
+        ["ungrounded: another one like it"],
+    ],
+    "part-00001": [["too_short: Dog", "beyond_max: a seventh one"], []],
+}
 
 
 @pytest.fixture
@@ -115,6 +137,7 @@ def test_released_layout_and_jsonl_give_the_same_counts(
     for path in (released, jsonl_only):
         stats = dataset_stats(path)
         assert stats.run is None and stats.failures is None and stats.parts == []
+        assert stats.dropped is None
         assert stats.instructions_per_pair == full.instructions_per_pair
         assert stats.instruction_words == full.instruction_words
         assert stats.negatives_per_pair == full.negatives_per_pair
@@ -130,6 +153,55 @@ def test_an_explicit_run_adds_its_failures(exported: FixtureRun, tmp_path: Path)
     assert dataset_stats(moved).failures is None
     stats = dataset_stats(moved, run=RunDir(exported.run.root))
     assert stats.failures is not None and stats.failures.total == 2
+
+
+def set_dropped(fixture: FixtureRun) -> None:
+    """Write `DROPPED` into the fixture's annotation tables."""
+    for part, dropped in DROPPED.items():
+        path = fixture.run.part_path(ANNOTATIONS_DIR, part)
+        table = pq.read_table(path)
+        index = table.schema.get_field_index("dropped_instructions")
+        column = pa.array(dropped, table.schema.field(index).type)
+        pq.write_table(table.set_column(index, "dropped_instructions", column), path)
+
+
+def test_dropped_instructions_are_counted_by_reason(tmp_path: Path) -> None:
+    fixture = build_run(tmp_path)
+    assert dropped_stats(fixture.run) == DroppedStats(0, 0, 5, {})
+    set_dropped(fixture)
+    assert dropped_stats(fixture.run) == DroppedStats(
+        total=6,
+        pairs=3,
+        annotated=5,
+        reasons={
+            "ungrounded": 2,
+            "beyond_max": 1,
+            "copied_demonstration": 1,
+            "duplicate": 1,
+            "too_short": 1,
+        },
+    )
+    (fixture.run.root / "_progress" / "annotate" / "part-00001.json").unlink()
+    unfinished = dropped_stats(fixture.run)
+    assert (unfinished.total, unfinished.annotated) == (4, 3)
+    assert "too_short" not in unfinished.reasons
+
+
+def test_dropped_instructions_are_reported(exported: FixtureRun) -> None:
+    text = format_stats(dataset_stats(dataset(exported)))
+    assert "dropped instructions (finished parts): 0 in 0 of 5 annotated pairs" in text
+    set_dropped(exported)
+    stats = dataset_stats(dataset(exported))
+    assert stats.dropped is not None and stats.dropped.reasons["copied_demonstration"] == 1
+    lines = format_stats(stats).splitlines()
+    start = lines.index("dropped instructions (finished parts): 6 in 3 of 5 annotated pairs")
+    assert lines[start + 1 : start + 6] == [
+        "  ungrounded: 2",
+        "  beyond_max: 1",
+        "  copied_demonstration: 1",
+        "  duplicate: 1",
+        "  too_short: 1",
+    ]
 
 
 def test_a_file_without_the_released_columns_is_refused(exported: FixtureRun) -> None:

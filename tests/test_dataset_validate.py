@@ -151,3 +151,18 @@ def test_a_jsonl_twin_with_other_rows_is_reported(exported: FixtureRun, tmp_path
     report = validate_dataset(copy, check_images=False)
     assert found(report) == {("twin_mismatch", None, None)}
     assert report.problems[0].file == "part-00001.jsonl"
+
+
+def test_an_empty_dataset_is_a_problem_unless_allowed(exported: FixtureRun, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    report = validate_dataset(empty)
+    assert found(report) == {("empty", None, None)}
+    assert "the dataset is empty (no data files)" in format_report(report)
+    assert "--allow-empty" in str(report.problems[0])
+    schema = pq.read_schema(dataset(exported) / "part-00000.parquet")
+    pq.write_table(schema.empty_table(), empty / "part-00000.parquet")
+    report = validate_dataset(empty)
+    assert report.problems[0].message.startswith("the dataset is empty (1 data files but no rows)")
+    allowed = validate_dataset(empty, allow_empty=True)
+    assert allowed.ok and allowed.rows == 0

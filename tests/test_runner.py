@@ -184,3 +184,65 @@ def test_every_pipeline_stage_pickles_before_setup(tiny_clip, tiny_dinov2):
 def test_accounting_checks_the_decode_step_too():
     bad = StageResult("ingest.decode", {"records": 5, "valid": 3, "invalid": 1}, 1, 1)
     assert accounting_errors([bad]) == ["ingest.decode: 5 records in, but 3 valid + 1 invalid = 4"]
+
+
+def test_a_changed_config_names_exactly_the_sections_that_changed(tmp_path):
+    run = RunDir(tmp_path)
+    stage = SquaresStage(config_sections=("seed", "mine", "annotate.backend"))
+    LocalRunner(run, PipelineConfig(), progress=False).run_all([stage])
+    recorded = run.read_manifest()["stages"]["squares"]["settings"]
+    assert sorted(recorded) == ["annotate.backend", "mine", "seed"]
+    changed = PipelineConfig.model_validate({"seed": 3})
+    with pytest.raises(StageConfigChanged, match=r"another config \(seed changed\); .*") as err:
+        LocalRunner(run, changed, progress=False).run_stage(stage)
+    assert f"megapairs reset --run {run.uri} --stage squares;" in str(err.value)
+
+
+def test_a_manifest_without_section_digests_says_the_settings_changed(tmp_path):
+    run = RunDir(tmp_path)
+    LocalRunner(run, PipelineConfig(), progress=False).run_all([SquaresStage()])
+    stages = run.read_manifest()["stages"]
+    del stages["squares"]["settings"]  # written by an older version
+    run.update_manifest(stages=stages)
+    changed = PipelineConfig.model_validate({"mine": {"max_targets": 9}})
+    with pytest.raises(StageConfigChanged, match=r"another config \(its settings changed\)"):
+        LocalRunner(run, changed, progress=False).run_stage(SquaresStage())
+
+
+def test_problems_a_stage_reports_are_errors_of_the_command(tmp_path, capsys):
+    from megapairs.pipeline.report import print_stage_results
+
+    @dataclass
+    class Complaining(SquaresStage):
+        def problems(self, counts):
+            return [f"{part}: all 10 values failed" for part in sorted(counts)][:1]
+
+    result = LocalRunner(RunDir(tmp_path), PipelineConfig(), progress=False).run_all(
+        [Complaining()]
+    )[0]
+    assert result.problems == ["part-00000: all 10 values failed"]
+    assert print_stage_results([result]) == 1
+    assert "error: part-00000: all 10 values failed" in capsys.readouterr().err
+
+
+def test_a_stage_with_nothing_to_do_is_a_warning(tmp_path, capsys):
+    from megapairs.pipeline.report import print_stage_results
+
+    result = LocalRunner(RunDir(tmp_path), PipelineConfig(), progress=False).run_all(
+        [SquaresStage(n_parts=0)]
+    )[0]
+    empty = [
+        result,
+        StageResult("annotate", {"pairs": 0, "annotated": 0, "failed": 0}, 2, 2),
+        StageResult("ingest.decode", {"records": 0, "valid": 0, "invalid": 0}, 1, 1),
+        StageResult("mine", {"queries": 4, "pairs": 0}, 1, 1),
+        StageResult("embed.caption", {"embedded": 3}, 1, 1),  # not empty
+    ]
+    assert print_stage_results(empty) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: squares: nothing to do: no parts planned (its input is empty, or the stage "
+        "before it has not run)",
+        "warning: annotate: got no pairs to annotate (pairs 0)",
+        "warning: ingest.decode: read no input records; check input.path (records 0)",
+        "warning: mine: mined no pairs; check the channels' similarity windows (pairs 0)",
+    ]

@@ -22,6 +22,7 @@ EPILOG = """examples:
   megapairs export --run runs/photos && megapairs validate runs/photos/dataset
   megapairs stats runs/photos
   megapairs summary --run runs/photos
+  megapairs reset --run runs/photos --stage annotate   # redo annotate (and export)
   megapairs synthesize --config configs/paper.yaml --input s3://corpus/shards/ \
       --run s3://runs/paper --runner ray --ray-address auto     # on a Ray cluster
 A command re-run on the same --run resumes: finished parts are skipped.
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_commands(commands)
     add_train_command(commands)
     add_eval_command(commands)
+    add_reset_command(commands)
     summary = commands.add_parser("summary", help="print what a run holds")
     summary.add_argument("--run", required=True, help="run directory or object-store URL")
     summary.add_argument("--examples", type=int, default=5, help="example pairs to show")
@@ -143,6 +145,9 @@ def add_dataset_commands(commands: argparse._SubParsersAction) -> None:
         "--image-root", help="root of relative image paths (default: the dataset folder)"
     )
     validate.add_argument("--limit", type=int, default=50, help="problems to print")
+    validate.add_argument(
+        "--allow-empty", action="store_true", help="a dataset without rows is not a problem"
+    )
     validate.set_defaults(handler=cmd_validate)
     stats = commands.add_parser(
         "stats",
@@ -154,6 +159,36 @@ def add_dataset_commands(commands: argparse._SubParsersAction) -> None:
         "path", help="a run directory or a dataset folder/file (local or an object-store URL)"
     )
     stats.set_defaults(handler=cmd_stats)
+
+
+def add_reset_command(commands: argparse._SubParsersAction) -> None:
+    """`reset`: clear a stage (and the stages after it) so it runs again."""
+    text = "delete a stage's outputs, markers and manifest entry, and those of every later stage"
+    reset = commands.add_parser(
+        "reset",
+        help=text,
+        description=text + " that depends on it (pipeline order: ingest.decode, ingest, "
+        "embed.CHANNEL, neighbours.CHANNEL, mine, annotate, export), so that the next run "
+        "computes them again, e.g. with a changed config. `ingest` includes ingest.decode; "
+        "`embed` every embed.CHANNEL. Prints what it deleted.",
+    )
+    reset.add_argument("--run", required=True, help="run directory or object-store URL")
+    reset.add_argument(
+        "--stage", required=True, help="stage to clear: ingest, embed, embed.caption, annotate, ..."
+    )
+    reset.add_argument("--yes", action="store_true", help="accepted for scripts; reset never asks")
+    reset.set_defaults(handler=cmd_reset)
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    from megapairs.pipeline.reset import format_reset, reset_stage
+    from megapairs.runs import RunDir
+
+    run = RunDir(args.run)
+    if not run.root.exists():
+        raise FileNotFoundError(f"no run at {args.run}")
+    print(format_reset(run, args.stage, reset_stage(run, args.stage)))
+    return 0
 
 
 def add_train_command(commands: argparse._SubParsersAction) -> None:
@@ -260,7 +295,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from megapairs.dataset.validate import format_report, validate_dataset
 
-    report = validate_dataset(args.dataset, args.image_root)
+    report = validate_dataset(args.dataset, args.image_root, allow_empty=args.allow_empty)
     print(format_report(report, limit=args.limit))
     return 1 if report.problems else 0
 
@@ -315,7 +350,7 @@ def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> int:
     # (model-loading bars of workers elsewhere would only clutter the driver's output)
     inner_bars = not args.quiet and args.runner == "local"
     results = runner.run_all(build_stages(config, steps, progress=inner_bars))
-    return print_stage_results(results)
+    return print_stage_results(results, run.uri)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -344,12 +379,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
     config = load_config(args.config, args.overrides)
-    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    print(yaml.safe_dump(config.public_dump(), sort_keys=False), end="")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megapairs.redaction import configure_logging
+
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         return int(args.handler(args))
     except BrokenPipeError:  # output piped into `head` and the like
@@ -358,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError, RuntimeError) as err:
         if os.environ.get("MEGAPAIRS_DEBUG"):
             raise
-        print(f"megapairs {args.command}: error: {err}", file=sys.stderr)
+        from megapairs.redaction import redact
+
+        print(f"megapairs {args.command}: error: {redact(str(err))}", file=sys.stderr)
         return 2
 
 

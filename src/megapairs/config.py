@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from megapairs.redaction import strip_credentials
+
 InputFormat = Literal["auto", "folder", "manifest", "webdataset", "parquet"]
 
 
@@ -109,9 +111,11 @@ class EndpointConfig(Section):
     The API key is read from the environment variable named by `api_key_env` when a
     request is sent; it is never stored in the config, the manifest or a log.
     `base_url` is one server or a list of servers of the same model (the openai backend
-    spreads requests over them); a list of one is kept as that one string.
+    spreads requests over them); a list of one is kept as that one string. Credentials in
+    a URL (`http://user:key@host/v1`) are sent but never written anywhere.
     """
 
+    backend: str = ""  # openai | hf | template for this role; empty: annotate.backend
     model: str = ""  # served model name (openai) or hub name / local path (hf)
     base_url: str | tuple[str, ...] = "http://127.0.0.1:8000/v1"
     api_key_env: str = "OPENAI_API_KEY"
@@ -122,6 +126,11 @@ class EndpointConfig(Section):
     max_tokens: int = Field(512, ge=1)
     timeout: float = Field(120.0, gt=0.0)  # seconds per request
     extra_body: dict[str, Any] = Field(default_factory=dict)  # server-specific request fields
+    # send the API key over plain http to a host that is not this machine (warned once)
+    allow_insecure: bool = False
+    # describer (openai): one request with two small coloured squares before any pair; a
+    # server that cannot see images fails it and the run stops
+    probe: bool = True
     device: str = "auto"  # hf only
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # hf only
     batch_size: int = Field(8, ge=1)  # hf only: prompts per generate call
@@ -162,6 +171,12 @@ class AnnotateConfig(Section):
     backoff_max: float = Field(60.0, gt=0.0)  # also caps a server's Retry-After
     retry_failed: bool = True  # a re-run re-opens parts with transient (server-side) failures
     flush_every: int = Field(64, ge=1)  # finished requests between cache flushes
+    # an instruction whose word n-grams overlap a demonstration instruction's this much
+    # (containment, 0-1) is dropped as `copied_demonstration`; 1.0 drops verbatim copies only
+    copy_threshold: float = Field(0.6, gt=0.0, le=1.0)
+    # lexical: an instruction sharing no content word with the description or the target
+    # caption is dropped as `ungrounded`; off: no grounding check
+    grounding: Literal["lexical", "off"] = "lexical"
     describer: EndpointConfig = EndpointConfig()
     instructor: EndpointConfig = EndpointConfig()
 
@@ -172,6 +187,11 @@ class AnnotateConfig(Section):
         if not 1 <= low <= high:
             raise ValueError(f"range must satisfy 1 <= low <= high, got {bounds}")
         return bounds
+
+    def backend_for(self, role: str) -> str:
+        """The backend that answers `role` (describer | instructor)."""
+        endpoint: EndpointConfig = getattr(self, role)
+        return endpoint.backend or self.backend
 
     @model_validator(mode="after")
     def _instruction_counts(self) -> AnnotateConfig:
@@ -218,6 +238,19 @@ class PipelineConfig(Section):
     def enabled_channels(self) -> dict[str, ChannelConfig]:
         """The channels switched on, in config order."""
         return {name: ch for name, ch in self.channels.items() if ch.enabled}
+
+    def public_dump(self) -> dict[str, Any]:
+        """The config as JSON data without credentials (a password in an annotation server
+        URL): what the manifest stores and `megapairs config` prints."""
+        data = self.model_dump(mode="json")
+        for role in ("describer", "instructor"):
+            endpoint = data["annotate"][role]
+            urls = endpoint["base_url"]
+            if isinstance(urls, str):
+                endpoint["base_url"] = strip_credentials(urls)
+            else:
+                endpoint["base_url"] = [strip_credentials(url) for url in urls]
+        return data
 
     def section_hash(self, *sections: str) -> str:
         """A short digest of the named sections (dotted paths such as `channels.caption`),

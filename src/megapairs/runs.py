@@ -5,6 +5,8 @@ Layout (a part of a stage is done when its marker exists):
     <run>/manifest.json
     <run>/<folder>/part-00000.parquet            (or .npy); folders named by the stages
     <run>/_progress/<stage>/part-00000.json      counts of that part, written last
+    <run>/.megapairs.lock                        the one writer (megapairs.pipeline.lock)
+    <run>/quarantine/<path in the run>           files that did not open, moved aside
 
 Markers are separate files rather than manifest entries, so parts can be
 finished by separate processes (a Ray runner) without a shared mutable file.
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 AnyPath: TypeAlias = "Path | UPath"
 
 MANIFEST = "manifest.json"
+QUARANTINE_DIR = "quarantine"  # unreadable files, moved aside so their parts are redone
 TRACKED_PACKAGES = ("megapairs", "torch", "transformers", "faiss-cpu", "pyarrow", "numpy", "pillow")
 
 
@@ -231,6 +234,19 @@ def read_bytes(path: AnyPath) -> bytes:
     return bytes(fs.cat_file(key))
 
 
+def move_file(source: AnyPath, target: AnyPath) -> None:
+    """Move a file within one file system (local: a rename; remote: the store's move)."""
+    local = local_path(source)
+    if local is not None:
+        destination = local_path(target)
+        assert destination is not None, f"cannot move local {source} to {target}"
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local, destination)
+        return
+    fs, key = filesystem(source)
+    fs.mv(key, filesystem(target)[1])
+
+
 def list_files(folder: AnyPath, pattern: str) -> list[AnyPath]:
     """The files in `folder` whose names match a glob `pattern`, sorted by name."""
     found: list[AnyPath] = [*folder.glob(pattern)]
@@ -312,6 +328,18 @@ class RunDir:
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
+
+    # unreadable files -----------------------------------------------------
+    def quarantine(self, path: AnyPath) -> AnyPath:
+        """Move `path`, a file of this run, to `quarantine/<its path in the run>` (a number
+        appended if that is taken); return where it went."""
+        first = self.root / QUARANTINE_DIR / relative_name(path, self.root)
+        target, taken = first, 0
+        while target.exists():
+            taken += 1
+            target = first.with_name(f"{first.name}~{taken}")
+        move_file(path, target)
+        return target
 
     # manifest -------------------------------------------------------------
     @property

@@ -7,19 +7,23 @@ Requests that failed for good (a 4xx, an empty answer: not transient) are kept t
 with their reason, so a re-run does not send them again. Entries are appended to
 `annotation_cache/<part>/chunk-NNNNN.parquet`, each chunk written atomically after
 `flush_every` new entries, so a killed run loses at most the entries not yet
-flushed; a re-run loads the chunks and resends only the rest.
+flushed; a re-run loads the chunks and resends only the rest. A chunk that does not
+open (truncated) is moved to `<run>/quarantine/` and its entries are asked again.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from megapairs.annotation.types import BackendError, Completion, Step
-from megapairs.runs import RunDir, list_files, read_table, write_table
+from megapairs.runs import AnyPath, RunDir, list_files, read_table, write_table
 from megapairs.schemas import ANNOTATION_CACHE_DIR
+
+log = logging.getLogger(__name__)
 
 CACHE_SCHEMA = pa.schema(
     [
@@ -55,21 +59,25 @@ class CacheKey:
 
 class AnswerCache:
     """The finished answers (and final failures) of one part, loaded from disk and
-    appended in chunks."""
+    appended in chunks; `quarantined` counts the chunks that did not open."""
 
     def __init__(self, run: RunDir, part: str, key: CacheKey, flush_every: int) -> None:
+        self.run = run
         self.folder = run.folder(ANNOTATION_CACHE_DIR) / part
         self.key = key
         self.flush_every = flush_every
         self.entries: dict[tuple[str, str], Completion | BackendError] = {}
         self.pending: list[dict[str, object]] = []
         self.next_chunk = 0
+        self.quarantined = 0
         self._load()
 
     def _load(self) -> None:
         for path in list_files(self.folder, "chunk-*.parquet"):
             self.next_chunk = max(self.next_chunk, int(path.stem.removeprefix("chunk-")) + 1)
-            table = read_table(path)
+            table = self._read_chunk(path)
+            if table is None:
+                continue
             mask = pc.and_(
                 pc.and_(
                     pc.equal(table["prompt_version"], self.key.prompt_version),
@@ -81,6 +89,22 @@ class AnswerCache:
                 if row["model"] == self.key.model_for(row["step"]):
                     self.entries[(row["pair_id"], row["step"])] = _entry(row)
 
+    def _read_chunk(self, path: AnyPath) -> pa.Table | None:
+        """A chunk's table; None for one that does not open, moved to the quarantine."""
+        try:
+            return read_table(path)
+        except pa.ArrowInvalid as err:
+            moved = self.run.quarantine(path)
+            self.quarantined += 1
+            log.warning(
+                "annotation cache chunk %s does not open (%s); moved to %s, its answers "
+                "are asked again",
+                path,
+                err,
+                moved,
+            )
+            return None
+
     def get(self, pair_id: str, step: Step) -> Completion | BackendError | None:
         """The answer, or the final failure, of this step; None when not yet asked."""
         return self.entries.get((pair_id, step))
@@ -88,7 +112,6 @@ class AnswerCache:
     def put(self, pair_id: str, step: Step, entry: Completion | BackendError) -> None:
         """Remember an answer or a final failure; write a chunk once `flush_every` wait."""
         self.entries[(pair_id, step)] = entry
-        failed = isinstance(entry, BackendError)
         self.pending.append(
             {
                 "pair_id": pair_id,
@@ -99,7 +122,7 @@ class AnswerCache:
                 "settings": self.key.settings,
                 "text": entry.raw if isinstance(entry, BackendError) else entry.text,
                 "attempts": entry.attempts,
-                "error": entry.reason if failed else None,
+                "error": entry.reason if isinstance(entry, BackendError) else None,
                 "detail": entry.detail if isinstance(entry, BackendError) else None,
             }
         )

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -37,6 +37,7 @@ from megapairs.annotation.types import (
     PairContext,
     PromptRequest,
     Role,
+    SetupError,
     Step,
 )
 from megapairs.config import AnnotateConfig
@@ -184,7 +185,7 @@ class Annotator:
         answer = await self.ask(
             job.pair_id, "instructor", "instruct", messages, context, request_seed
         )
-        check = self.check(answer.text, job.target_caption)
+        check = self.check(answer.text, job, context)
         if check.reason is None:
             return check, False
         if check.reason not in REPAIRABLE:
@@ -194,19 +195,26 @@ class Annotator:
         answer = await self.ask(
             job.pair_id, "instructor", "repair", messages, context, request_seed
         )
-        check = self.check(answer.text, job.target_caption)
+        check = self.check(answer.text, job, context)
         if check.reason is not None:
             raise PairFailed("repair", check.reason, check.problem, answer.text, answer.attempts)
         return check, True
 
-    def check(self, raw: str, target_caption: str | None) -> InstructionCheck:
+    def check(self, raw: str, job: PairJob, context: PairContext) -> InstructionCheck:
+        """The instructor answer checked: format, length, image order, restated caption,
+        copied demonstrations and (with `grounding: lexical`) grounding in the pair's texts."""
         config = self.config
+        grounding = (context.description, job.target_caption or "", job.query_caption or "")
         return check_instructions(
             raw,
-            target_caption,
+            job.target_caption,
             config.min_instructions,
             config.max_instructions,
             config.instruction_words,
+            demonstrations=self.prompts.demonstrations,
+            copy_threshold=config.copy_threshold,
+            grounding_texts=grounding,
+            grounding=config.grounding,
         )
 
 
@@ -263,6 +271,8 @@ async def annotate_all(
             job = jobs[position]
             try:
                 outcomes.annotated[position] = await annotator.annotate(job)
+            except SetupError:
+                raise  # the configuration is wrong: stop every pair, cache nothing of it
             except PairFailed as failure:
                 outcomes.failed[position] = failure_row(job, failure, annotator.provenance())
             except Exception as err:  # a bug or an unforeseen answer: record it, go on
@@ -272,8 +282,25 @@ async def annotate_all(
 
     workers = min(annotator.config.concurrency, len(jobs))
     try:
-        await asyncio.gather(*(worker() for _ in range(workers)))
+        await first_error_stops_all([worker() for _ in range(workers)])
     finally:
         annotator.cache.flush()
         await annotator.backend.aclose()
     return outcomes
+
+
+async def first_error_stops_all(coroutines: list[Coroutine[Any, Any, None]]) -> None:
+    """Run `coroutines` concurrently; the first that raises cancels the others, then its
+    exception is raised (unlike `gather`, which leaves the others running)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    if not tasks:
+        return
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]

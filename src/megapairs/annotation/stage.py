@@ -10,6 +10,7 @@ rate limits) and retries just those pairs; cached answers are not sent again.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from megapairs.annotation.backends.base import AnnotatorBackend
+from megapairs.annotation.backends.base import ROLES, AnnotatorBackend
 from megapairs.annotation.cache import AnswerCache, CacheKey
 from megapairs.annotation.flow import Annotator, Outcomes, PairJob, annotate_all
 from megapairs.annotation.images import CorpusLookup
@@ -25,6 +26,7 @@ from megapairs.annotation.prompts import PromptSet, load_prompts
 from megapairs.config import PipelineConfig
 from megapairs.mining.stage import STAGE_NAME as MINE_STAGE
 from megapairs.pipeline.stage import PartProgress, StageBase
+from megapairs.redaction import register_secret, strip_credentials
 from megapairs.runs import RunDir, read_table, write_table
 from megapairs.schemas import (
     ANNOTATION_FAILURES_DIR,
@@ -44,6 +46,8 @@ OUTPUT_SETTINGS = (
     "neighbours",
     "mine",
     "annotate.backend",
+    "annotate.describer.backend",
+    "annotate.instructor.backend",
     "annotate.prompts",
     "annotate.word_range",
     "annotate.num_demonstrations",
@@ -51,6 +55,8 @@ OUTPUT_SETTINGS = (
     "annotate.max_instructions",
     "annotate.instruction_words",
     "annotate.image_max_side",
+    "annotate.copy_threshold",
+    "annotate.grounding",
     *(
         f"annotate.{role}.{name}"
         for role in ("describer", "instructor")
@@ -80,10 +86,15 @@ class AnnotateStage(StageBase):
 
     def needs_actor(self) -> bool:
         """Local models (`hf`) are costly to load: keep them in long-lived workers."""
-        return self.config.annotate.backend == "hf"
+        return bool(self._local_roles())
 
     def wants_gpu(self) -> bool:
-        return self.needs_actor() and self.config.annotate.describer.device != "cpu"
+        annotate = self.config.annotate
+        return any(getattr(annotate, role).device != "cpu" for role in self._local_roles())
+
+    def _local_roles(self) -> list[str]:
+        annotate = self.config.annotate
+        return [role for role in ROLES if annotate.backend_for(role) == "hf"]
 
     def plan(self, run: RunDir) -> list[str]:
         """The parts the mine stage finished."""
@@ -96,8 +107,24 @@ class AnnotateStage(StageBase):
         return [p for p in run.done_parts(STAGE_NAME) if transient_failures(run, p) > 0]
 
     def prepare(self, run: RunDir) -> None:
-        """Check the prompts on the driver, before any part is sent anywhere."""
+        """Check the prompts on the driver, before any part is sent anywhere, and register
+        the API keys so that nothing the driver prints shows them."""
         self._prompts()
+        for role in ROLES:
+            endpoint = getattr(self.config.annotate, role)
+            if endpoint.api_key_env:
+                register_secret(os.environ.get(endpoint.api_key_env))
+            for url in endpoint.base_urls:
+                strip_credentials(url)  # registers a password in the URL
+
+    def problems(self, counts: dict[str, dict[str, Any]]) -> list[str]:
+        """Parts whose every pair failed with a client error: a setting is wrong."""
+        return [
+            f"annotate {part}: all {c['pairs']} pairs failed with client_error (the server "
+            f"refused every request; see {ANNOTATION_FAILURES_DIR}/{part}.parquet, column detail)"
+            for part, c in sorted(counts.items())
+            if c.get("pairs", 0) > 0 and c.get("failed_client_error", 0) == c["pairs"]
+        ]
 
     def _prompts(self) -> PromptSet:
         prompts = load_prompts(self.config.annotate.prompts or None)
@@ -141,7 +168,10 @@ class AnnotateStage(StageBase):
         annotations, failures = outcome_tables(outcomes)
         write_table(run.part_path(ANNOTATIONS_DIR, part), annotations)
         write_table(run.part_path(ANNOTATION_FAILURES_DIR, part), failures)
-        return part_counts(len(jobs), annotations, failures, annotator.counts)
+        counts = part_counts(len(jobs), annotations, failures, annotator.counts)
+        if annotator.cache.quarantined:  # unreadable cache chunks, moved aside and re-asked
+            counts["quarantined_cache_chunks"] = annotator.cache.quarantined
+        return counts
 
     def _cache_key(self, state: AnnotateWorker) -> CacheKey:
         return CacheKey(

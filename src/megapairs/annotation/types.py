@@ -84,6 +84,14 @@ class PromptRequest:
 class Completion:
     text: str
     attempts: int = 1  # HTTP attempts it took (1 when no retry)
+    finish_reason: str | None = None  # "stop", "length" (cut at max_tokens), ...; None: unknown
+    prompt_tokens: int | None = None  # as the server counted them; None: not reported
+
+
+class SetupError(RuntimeError):
+    """The configuration is wrong (a refused API key, a model the server does not serve, a
+    describer that cannot see images): the run stops, and nothing of it is cached as a
+    pair's answer, so the same command resumes once the setting is fixed."""
 
 
 @dataclass

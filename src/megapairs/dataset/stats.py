@@ -1,5 +1,6 @@
 """Counts and distributions of an exported dataset (ours or the released layout), and, with
-its run directory, the annotation failures and the per-part balance pairs = annotated + failed.
+its run directory, the annotation failures, the instructions the checks dropped (by reason) and
+the per-part balance pairs = annotated + failed.
 
 Quantiles are nearest-rank (the smallest value with at least that share of the values at or
 below it), so they are values that occur. Channel combinations
@@ -33,6 +34,7 @@ from megapairs.schemas import (
     ANNOTATION_FAILURES_DIR,
     ANNOTATION_FAILURES_SCHEMA,
     ANNOTATIONS_DIR,
+    ANNOTATIONS_SCHEMA,
     DATASET_DIR,
     DATASET_SCHEMA,
     PAIRS_DIR,
@@ -110,6 +112,17 @@ class FailureStats:
 
 
 @dataclass(frozen=True)
+class DroppedStats:
+    """Instructions the checks dropped from the annotated pairs of the finished annotate
+    parts ("reason: text" entries of `dropped_instructions`), by reason."""
+
+    total: int
+    pairs: int  # annotated pairs with at least one dropped instruction
+    annotated: int  # annotated pairs in all
+    reasons: dict[str, int]
+
+
+@dataclass(frozen=True)
 class PartBalance:
     """Pairs in, annotated and failed of one finished annotate part (and rows exported)."""
 
@@ -144,6 +157,7 @@ class DatasetStats:
     provenance: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> value -> rows
     run: AnyPath | None = None
     failures: FailureStats | None = None
+    dropped: DroppedStats | None = None
     parts: list[PartBalance] = field(default_factory=list)
 
 
@@ -201,6 +215,7 @@ def dataset_stats(path: AnyPath | str, run: RunDir | None = None) -> DatasetStat
         provenance={c: dict(n.most_common()) for c, n in tally.provenance.items()},
         run=run.root if run else None,
         failures=failure_stats(run) if run else None,
+        dropped=dropped_stats(run) if run else None,
         parts=part_balance(run) if run else [],
     )
 
@@ -288,6 +303,24 @@ def failure_stats(run: RunDir) -> FailureStats:
     )
 
 
+def dropped_stats(run: RunDir) -> DroppedStats:
+    """Dropped instructions by reason (the text before the first ": ") in the finished
+    annotate parts."""
+    paths = run.files(ANNOTATIONS_DIR, ANNOTATE_STAGE)
+    column = concat_tables(paths, ANNOTATIONS_SCHEMA, ["dropped_instructions"])[
+        "dropped_instructions"
+    ]
+    entries = pc.drop_null(pc.list_flatten(column))
+    reasons = pc.list_element(pc.split_pattern(entries, ": ", max_splits=1), 0)
+    counts = Counter(_value_counts(pc.utf8_trim_whitespace(reasons)))
+    return DroppedStats(
+        total=len(entries),
+        pairs=int(pc.sum(pc.greater(pc.list_value_length(column), 0)).as_py() or 0),
+        annotated=len(column),
+        reasons=dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))),
+    )
+
+
 def part_balance(run: RunDir) -> list[PartBalance]:
     """Pairs, annotated, failed (and exported) rows of each finished annotate part."""
     exported = set(run.done_parts(EXPORT_STAGE))
@@ -323,6 +356,8 @@ def format_stats(stats: DatasetStats) -> str:
     lines += [f"{column}: {_counts(values)}" for column, values in stats.provenance.items()]
     if stats.failures is not None:
         lines += _failure_lines(stats.failures)
+    if stats.dropped is not None:
+        lines += _dropped_lines(stats.dropped)
     if stats.parts:
         lines += _balance_lines(stats.parts)
     return "\n".join(lines)
@@ -352,6 +387,15 @@ def _failure_lines(failures: FailureStats) -> list[str]:
         f"({failures.transient_share:.0%}; a re-run retries them)"
     ]
     lines += [f"  {reason}: {n}" for reason, n in failures.reasons.items()]
+    return lines
+
+
+def _dropped_lines(dropped: DroppedStats) -> list[str]:
+    lines = [
+        f"dropped instructions (finished parts): {dropped.total} in {dropped.pairs} of "
+        f"{dropped.annotated} annotated pairs"
+    ]
+    lines += [f"  {reason}: {n}" for reason, n in dropped.reasons.items()]
     return lines
 
 

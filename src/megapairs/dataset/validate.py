@@ -15,6 +15,7 @@ that file; none for a file-level problem), its column and what is wrong:
   few_instructions, empty_instruction
   duplicate_pair                    the same (q_img, t_img) as an earlier row
   twin_mismatch                     a JSONL beside a Parquet shard with another row count
+  empty                             no rows at all (unless `allow_empty`)
 
 Where a Parquet shard has a JSONL twin (part-N.parquet + part-N.jsonl, as export
 writes them) the Parquet file is checked and the twin only for its row count. The
@@ -197,8 +198,10 @@ def validate_dataset(
     min_instructions: int = 3,
     check_images: bool = True,
     max_problems: int = 10_000,
+    allow_empty: bool = False,
 ) -> ValidationReport:
-    """Check every row of a dataset folder or file; see the module docstring."""
+    """Check every row of a dataset folder or file; see the module docstring. A dataset
+    without a single row is a problem unless `allow_empty`."""
     path = as_path(path)
     files, twins = dataset_files(path)
     root = as_path(image_root) if image_root is not None else default_image_root(path)
@@ -218,7 +221,17 @@ def validate_dataset(
         report.images_missing = sum(not found for found in checker.images.known.values())
     order = {name: index for index, name in enumerate([*report.files, *report.twins])}
     report.problems.sort(key=lambda p: (order[p.file], -1 if p.row is None else p.row))
+    if report.rows == 0 and not allow_empty:
+        report.add(str(path), None, None, "empty", empty_message(len(report.files)))
     return report
+
+
+def empty_message(files: int) -> str:
+    found = "no data files" if files == 0 else f"{files} data files but no rows"
+    return (
+        f"the dataset is empty ({found}): nothing was exported, or the pairs all failed; "
+        "see `megapairs stats` on the run, or pass --allow-empty if that is expected"
+    )
 
 
 @dataclass

@@ -1,8 +1,12 @@
-"""Printing what stages did, and checking that every record is accounted for."""
+"""Printing what stages did, and checking that every record is accounted for: counts
+on stdout; warnings (empty input, quarantined files) and errors on stderr."""
 
 from __future__ import annotations
 
+import sys
+
 from megapairs.pipeline.runner import StageResult
+from megapairs.runs import QUARANTINE_DIR
 
 # (total, the counts it must equal the sum of), for any stage that records all of them
 BALANCES = (
@@ -10,6 +14,17 @@ BALANCES = (
     ("records", ("valid", "invalid")),  # ingest.decode
     ("pairs", ("annotated", "failed")),  # annotate
 )
+
+
+# stage kind -> (the count that must not be zero, what it means when it is)
+EMPTY_INPUTS = {
+    "ingest.decode": ("records", "read no input records; check input.path"),
+    "ingest": ("records", "got no decoded records"),
+    "embed": ("embedded", "embedded no record"),
+    "mine": ("pairs", "mined no pairs; check the channels' similarity windows"),
+    "annotate": ("pairs", "got no pairs to annotate"),
+    "export": ("rows", "exported no rows"),
+}
 
 
 def accounting_errors(results: list[StageResult]) -> list[str]:
@@ -40,10 +55,49 @@ def format_results(results: list[StageResult]) -> str:
     return "\n".join(lines)
 
 
-def print_stage_results(results: list[StageResult]) -> int:
-    """Print each stage's counts and the accounting check; 1 if records went missing."""
+def empty_warnings(results: list[StageResult]) -> list[str]:
+    """Stages that had nothing to do: no parts, or a zero input (or output) count."""
+    warnings = []
+    for result in results:
+        if result.parts == 0:
+            warnings.append(
+                f"{result.name}: nothing to do: no parts planned "
+                "(its input is empty, or the stage before it has not run)"
+            )
+            continue
+        key, meaning = EMPTY_INPUTS.get(_kind(result.name), ("", ""))
+        if key in result.counts and result.counts[key] == 0:
+            warnings.append(f"{result.name}: {meaning} ({key} 0)")
+    return warnings
+
+
+def quarantine_warnings(results: list[StageResult], run: str | None = None) -> list[str]:
+    """A line per stage whose finished parts had unreadable files this time (moved aside,
+    the parts computed again). Files a stage quarantines itself are in its counts."""
+    where = f"{run.rstrip('/')}/{QUARANTINE_DIR}" if run else f"the run's {QUARANTINE_DIR}/"
+    return [
+        f"{result.name}: quarantined {result.quarantined} unreadable files (moved to {where}); "
+        "their parts were computed again"
+        for result in results
+        if result.quarantined
+    ]
+
+
+def print_stage_results(results: list[StageResult], run: str | None = None) -> int:
+    """Print each stage's counts; warnings (empty input, quarantined files) and the errors
+    (accounting, problems the stages reported) on stderr; 1 when there are errors."""
     print(format_results(results))
+    for warning in empty_warnings(results) + quarantine_warnings(results, run):
+        print(f"warning: {warning}", file=sys.stderr)
     errors = accounting_errors(results)
     for error in errors:
         print(f"ACCOUNTING ERROR {error}")
-    return 1 if errors else 0
+    problems = [problem for result in results for problem in result.problems]
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if errors or problems else 0
+
+
+def _kind(stage: str) -> str:
+    """`embed` for `embed.caption`; a name with no channel as it is."""
+    return stage if stage in EMPTY_INPUTS else stage.partition(".")[0]

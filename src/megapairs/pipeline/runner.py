@@ -1,30 +1,49 @@
 """Runners: `BaseRunner` owns which parts are pending, reopened or done; a runner
 only decides where `run_part` runs (`LocalRunner`: here, in order; `RayRunner` in
-`megapairs.pipeline.ray_runner`: on a Ray cluster)."""
+`megapairs.pipeline.ray_runner`: on a Ray cluster). The driver holds the run's lock
+from `start` to `close`; finished parts whose Parquet files do not open are quarantined
+and computed again."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 from tqdm.auto import tqdm
 
 from megapairs.config import PipelineConfig
 from megapairs.pipeline import RUNNERS
+from megapairs.pipeline.lock import acquire_run_lock, release_run_lock
+from megapairs.pipeline.reset import output_dirs
 from megapairs.pipeline.stage import (
     PartProgress,
     ReopensParts,
+    ReportsProblems,
     Stage,
     execute_part,
     no_progress,
     release_worker_state,
 )
-from megapairs.runs import RunDir, environment_versions, now_iso
+from megapairs.runs import (
+    AnyPath,
+    RunDir,
+    environment_versions,
+    list_files,
+    now_iso,
+    parquet_metadata,
+)
+
+log = logging.getLogger(__name__)
+# footers read at once when checking a remote run's finished parts
+FOOTER_READERS = 16
 
 # Called on the driver each time a part is committed: (part, its counts).
 PartDone = Callable[[str, dict[str, Any]], None]
@@ -38,12 +57,15 @@ class StageConfigChanged(RuntimeError):
 
 @dataclass
 class StageResult:
-    """What one stage did: its summed counts and how many parts were (re)computed."""
+    """What one stage did: its summed counts, how many parts were (re)computed, how many
+    unreadable files were quarantined, and the errors the stage reported."""
 
     name: str
     counts: dict[str, int]
     parts: int
     computed: int
+    quarantined: int = 0  # unreadable output files moved to <run>/quarantine (parts redone)
+    problems: list[str] = field(default_factory=list)  # errors the command reports
 
 
 def sum_counts(per_part: dict[str, dict[str, Any]]) -> dict[str, int]:
@@ -60,24 +82,46 @@ def config_key(config: PipelineConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def section_digests(config: PipelineConfig, stage: Stage) -> dict[str, str]:
+    """A digest of each config section of `stage`, to name the ones that changed."""
+    return {section: config.section_hash(section) for section in stage.config_sections}
+
+
 def check_config(run: RunDir, stage: Stage, config: PipelineConfig) -> str:
     """Refuse to mix parts made under a different config; return this config's hash."""
     digest = config.section_hash(*stage.config_sections)
-    recorded = run.read_manifest().get("stages", {}).get(stage.name, {}).get("config_hash")
+    entry = run.read_manifest().get("stages", {}).get(stage.name, {})
+    recorded = entry.get("config_hash")
     if recorded and recorded != digest and run.done_parts(stage.name):
-        raise StageConfigChanged(
-            f"stage {stage.name!r} in {run.root} was run with another config "
-            f"(sections {', '.join(stage.config_sections)} changed); "
-            "use a new run directory or delete the stage's output"
-        )
+        changed = changed_sections(entry.get("settings"), section_digests(config, stage))
+        raise StageConfigChanged(config_changed_message(run, stage.name, changed))
     return digest
 
 
-def record_stage(run: RunDir, stage: Stage, digest: str, result: StageResult) -> None:
+def changed_sections(recorded: dict[str, str] | None, current: dict[str, str]) -> list[str]:
+    """The sections whose digest differs from the recorded one (none known: [])."""
+    if not recorded:
+        return []
+    return [section for section, digest in current.items() if recorded.get(section) != digest]
+
+
+def config_changed_message(run: RunDir, stage: str, changed: list[str]) -> str:
+    what = f"{', '.join(changed)} changed" if changed else "its settings changed"
+    return (
+        f"stage {stage!r} in {run.uri} was run with another config ({what}); to run it "
+        f"again with this config, clear it and the stages after it: megapairs reset "
+        f"--run {run.uri} --stage {stage}; or use a new run directory"
+    )
+
+
+def record_stage(
+    run: RunDir, stage: Stage, config: PipelineConfig, digest: str, result: StageResult
+) -> None:
     manifest = run.read_manifest()
     stages = manifest.get("stages", {})
     stages[stage.name] = {
         "config_hash": digest,
+        "settings": section_digests(config, stage),
         "parts": result.parts,
         "counts": result.counts,
         "complete": result.parts == len(run.done_parts(stage.name)),
@@ -104,6 +148,7 @@ class BaseRunner(ABC):
         self.progress = progress
         self.config_key = config_key(config)
         self.order = order
+        self.locked = False  # whether this runner holds the run's lock
 
     @abstractmethod
     def execute(self, stage: Stage, parts: list[str], done: PartDone) -> None:
@@ -111,14 +156,18 @@ class BaseRunner(ABC):
         driver as each is committed; raise if a part cannot be completed."""
 
     def start(self) -> None:
-        """Create the run directory (clearing temp files of a killed earlier run) and record
-        config and versions in its manifest."""
+        """Create the run directory, take its lock (RunLocked if another process writes
+        it), clear temp files of a killed earlier run and record config and versions in its
+        manifest."""
         if self.run.is_local:  # (on object storage, mkdir would create a missing bucket)
             self.run.root.mkdir(parents=True, exist_ok=True)
+        if not self.locked:
+            acquire_run_lock(self.run)
+            self.locked = True
         self.run.remove_temp_files()
         manifest = self.run.read_manifest()
         self.run.update_manifest(
-            config=self.config.model_dump(mode="json"),
+            config=self.config.public_dump(),  # (no credentials from server URLs)
             versions=environment_versions(),
             seed=self.config.seed,
             created_at=manifest.get("created_at", now_iso()),
@@ -136,6 +185,7 @@ class BaseRunner(ABC):
         digest = check_config(self.run, stage, self.config)
         self._record_hash(stage, digest)
         parts = stage.plan(self.run)
+        quarantined = self.quarantine_unreadable(stage, parts)
         todo, stale = self.pending_parts(stage, parts)
         if todo:
             stage.prepare(self.run)
@@ -148,29 +198,71 @@ class BaseRunner(ABC):
         wanted = set(parts)
         per_part = {k: v for k, v in self.run.part_counts(stage.name).items() if k in wanted}
         stage.finalize(self.run, per_part)
-        result = StageResult(stage.name, sum_counts(per_part), len(parts), len(todo))
-        record_stage(self.run, stage, digest, result)
+        problems = stage.problems(per_part) if isinstance(stage, ReportsProblems) else []
+        counts = sum_counts(per_part)
+        result = StageResult(stage.name, counts, len(parts), len(todo), quarantined, problems)
+        record_stage(self.run, stage, self.config, digest, result)
         return result
 
+    def quarantine_unreadable(self, stage: Stage, parts: list[str]) -> int:
+        """Move each finished part's Parquet output that does not open (a truncated file)
+        to the run's quarantine folder and reopen its part; how many files went."""
+        done = set(self.run.done_parts(stage.name)) & set(parts)
+        if not done:
+            return 0
+        files = [
+            path
+            for folder in output_dirs(stage)
+            for path in list_files(self.run.folder(folder), "part-*.parquet")
+            if path.name.removesuffix(".parquet") in done
+        ]
+        opens = self._footers_open(files)
+        unreadable = [path for path, ok in zip(files, opens, strict=True) if not ok]
+        for path in unreadable:
+            part = path.name.removesuffix(".parquet")
+            self.run.reopen(stage.name, part)  # first: a crash now still redoes the part
+            moved = self.run.quarantine(path)
+            log.warning(
+                "%s %s: %s does not open as Parquet; moved to %s, the part is computed again",
+                stage.name,
+                part,
+                path,
+                moved,
+            )
+        return len(unreadable)
+
+    def _footers_open(self, files: list[AnyPath]) -> list[bool]:
+        """Whether each file's Parquet footer reads (remote runs: several at once)."""
+        if self.run.is_local or len(files) < 2:
+            return [footer_opens(path) for path in files]
+        with ThreadPoolExecutor(FOOTER_READERS) as pool:
+            return list(pool.map(footer_opens, files))
+
     def _record_hash(self, stage: Stage, digest: str) -> None:
-        """Record the config hash before any part is written, so a crash keeps it."""
+        """Record the config hash (and each section's) before any part is written, so a
+        crash keeps them."""
         manifest = self.run.read_manifest()
         stages = manifest.get("stages", {})
         entry = stages.setdefault(stage.name, {})
-        if entry.get("config_hash") != digest:
+        settings = section_digests(self.config, stage)
+        if entry.get("config_hash") != digest or entry.get("settings") != settings:
             entry["config_hash"] = digest
+            entry["settings"] = settings
             self.run.update_manifest(stages=stages)
 
     def run_all(self, stages: list[Stage]) -> list[StageResult]:
-        self.start()
         try:
+            self.start()
             return [self.run_stage(stage) for stage in stages]
         finally:
             self.close()
 
     def close(self) -> None:
-        """Release what the runner holds (workers, cached state)."""
+        """Release what the runner holds (cached state, the run's lock)."""
         release_worker_state()
+        if self.locked:
+            self.locked = False
+            release_run_lock(self.run)
 
 
 class LocalRunner(BaseRunner):
@@ -205,6 +297,15 @@ class LocalRunner(BaseRunner):
                 bar.close()
 
         return advance
+
+
+def footer_opens(path: AnyPath) -> bool:
+    """Whether `path`'s Parquet footer reads (False for a truncated or garbage file)."""
+    try:
+        parquet_metadata(path)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def build_runner(

@@ -15,6 +15,12 @@ A stage's life in one `run_stage` call, and where each step runs:
   place or not done at all. Progress goes through the `progress` callback.
 - `finalize(run, counts)` (driver, once, after every part is done): stage-wide
   files such as `dataset_info.json`, from the parts' recorded counts.
+- `problems(counts)` (driver, optional: `ReportsProblems`): what went wrong that the
+  command should report as errors (and exit non-zero on).
+
+`output_dirs` (optional) names the folders a stage writes: `megapairs reset` deletes
+them and the runner checks that each finished part's Parquet files there open; stages
+that do not declare them are looked up in `megapairs.pipeline.reset.STAGE_OUTPUTS`.
 
 A stage reads its inputs only from the run directory, never from another stage's
 memory, so parts may run in any order, in other processes or on other machines.
@@ -74,6 +80,9 @@ class Stage(Protocol):
 class StageBase:
     """Defaults for the optional steps: nothing to prepare, set up or finalize."""
 
+    # folders (relative to the run) this stage writes; () to use the table in pipeline.reset
+    output_dirs: tuple[str, ...] = ()
+
     def prepare(self, run: RunDir) -> None:
         """Nothing shared to build."""
 
@@ -92,6 +101,16 @@ class ReopensParts(Protocol):
 
     def stale_parts(self, run: RunDir) -> list[str]:
         """Finished parts to compute again."""
+        ...
+
+
+@runtime_checkable
+class ReportsProblems(Protocol):
+    """A stage that reports errors after it ran (e.g. a part whose every pair failed): the
+    command prints each and exits non-zero."""
+
+    def problems(self, counts: dict[str, dict[str, Any]]) -> list[str]:
+        """What went wrong, one sentence each (`counts`: part -> its recorded counts)."""
         ...
 
 

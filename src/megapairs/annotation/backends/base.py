@@ -2,7 +2,10 @@
 
 A backend answers one chat request at a time, asynchronously; batching (hf) and
 concurrency limits and retries (openai) live inside it. It names the model it uses
-for each role, which goes into every output row's provenance.
+for each role, which goes into every output row's provenance. A factory takes the
+annotate config and the roles the backend answers (`ROLES` by default): with
+`annotate.describer.backend` and `annotate.instructor.backend` the two roles may be
+answered by different backends (`factory.RoleBackends`).
 
 | name | module | what answers |
 |---|---|---|
@@ -18,6 +21,8 @@ from typing import Protocol
 from megapairs.annotation.types import Completion, PromptRequest, Role
 from megapairs.registry import Registry
 
+ROLES: tuple[Role, ...] = ("describer", "instructor")
+
 
 class AnnotatorBackend(Protocol):
     """Answers describer and instructor requests."""
@@ -30,7 +35,8 @@ class AnnotatorBackend(Protocol):
         ...
 
     def check_ready(self) -> None:
-        """Raise RuntimeError, before any pair is sent, when the models cannot answer."""
+        """Raise RuntimeError (`SetupError` when a setting is wrong), before any pair is
+        sent, when the models cannot answer."""
         ...
 
     async def complete(self, request: PromptRequest) -> Completion:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from megapairs.annotation.backends.base import BACKENDS
+from megapairs.annotation.backends.base import BACKENDS, ROLES
 from megapairs.annotation.types import (
     BackendError,
     ChatMessage,
@@ -372,10 +372,15 @@ class HFBackend:
     name = "hf"
     reads_images = True
 
-    def __init__(self, config: AnnotateConfig, max_wait_s: float = MAX_WAIT_S) -> None:
+    def __init__(
+        self,
+        config: AnnotateConfig,
+        max_wait_s: float = MAX_WAIT_S,
+        roles: tuple[Role, ...] = ROLES,
+    ) -> None:
         self.models: dict[Role, LocalModel] = {
-            "describer": LocalModel.for_role("describer", config.describer, vision=True),
-            "instructor": LocalModel.for_role("instructor", config.instructor, vision=False),
+            role: LocalModel.for_role(role, getattr(config, role), vision=role == "describer")
+            for role in roles
         }
         self._batchers: dict[Role, MicroBatcher] = {
             role: MicroBatcher(model.generate, model.endpoint.batch_size, max_wait_s)
@@ -398,5 +403,5 @@ class HFBackend:
 
 
 @BACKENDS.register("hf")
-def build_hf_backend(config: AnnotateConfig) -> HFBackend:
-    return HFBackend(config)
+def build_hf_backend(config: AnnotateConfig, roles: tuple[Role, ...] = ROLES) -> HFBackend:
+    return HFBackend(config, roles=roles)

@@ -20,6 +20,21 @@ Retry policy (per request, `max_retries` retries after the first attempt):
 - not retried: any other 4xx (`client_error`) and an answer whose content is empty
   (`empty_response`): resending the same request would not change them.
 A request that fails for good raises `BackendError` with the reason of its last attempt.
+Answers that mean the configuration is wrong (HTTP 401, 403 and 404: a refused key, a
+wrong base_url or model name) raise `SetupError` instead: the run stops at once and
+nothing is cached, so the same command resumes once the setting is fixed.
+
+Start-up (`check_ready`): each server's `GET /models` must answer (401/403 and other
+non-200s but 404/405, "no model list", stop the run; a listed model set without ours
+too); a line names each role's model, servers and the proxy from the environment they
+go through; then the describer's capability probe (`probe.py`) must see two coloured
+squares. A describe answer cut at `max_tokens` (`finish_reason: length`) fails as
+`truncated_description`, one whose reported prompt is shorter than its two images
+plausibly take (see `probe.PromptFloor`) as `images_ignored`.
+
+Secrets: the key and any password in a URL are registered with `megapairs.redaction`
+and replaced by `<redacted>` in every answer, error and log line; plain http with a key
+to a host that is not this machine is refused unless the endpoint's `allow_insecure`.
 At most `concurrency` HTTP requests are in flight, over all servers (a semaphore; a
 request waiting to retry, or for a server to come back, does not hold a slot). The HTTP
 client and the semaphore belong to the running event loop: they are created on first
@@ -41,7 +56,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tenacity import (
@@ -58,8 +73,16 @@ try:  # httpx's maintained fork: its connection pool stays fast with many connec
 except ImportError:  # pragma: no cover - same API; httpcore 1.0 pools cost ~8x more CPU here
     import httpx  # type: ignore[no-redef]
 
-from megapairs.annotation.backends.base import BACKENDS
+from megapairs.annotation.backends.base import BACKENDS, ROLES
+from megapairs.annotation.backends.probe import (
+    PromptFloor,
+    image_tokens,
+    judge_answer,
+    new_probe,
+)
 from megapairs.annotation.backends.servers import Server, ServerPool, ServerStats
+from megapairs.annotation.backends.transport import check_transport, route_text
+from megapairs.annotation.checks import strip_reasoning
 from megapairs.annotation.types import (
     BackendError,
     ChatMessage,
@@ -67,8 +90,10 @@ from megapairs.annotation.types import (
     ImagePart,
     PromptRequest,
     Role,
+    SetupError,
 )
 from megapairs.config import AnnotateConfig, EndpointConfig
+from megapairs.redaction import redact, register_secret
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +102,16 @@ RETRIED_REASONS = frozenset(
 )
 RAW_LIMIT = 20_000  # characters of a response body kept in BackendError.raw
 EXCERPT_LIMIT = 200  # characters of a response body quoted in an error's detail
-CLIENT_ERROR_HINTS = {
-    401: "check the API key in the endpoint's api_key_env variable",
-    403: "check the API key in the endpoint's api_key_env variable",
-    404: "check base_url (it ends before /chat/completions) and the served model name",
-    413: "lower annotate.image_max_side or the prompt size",
+CLIENT_ERROR_HINTS = {413: "lower annotate.image_max_side or the prompt size"}
+KEY_HINT = "check the API key in ${env} (the variable annotate.{role}.api_key_env names)"
+SETUP_HINTS = {
+    401: KEY_HINT,
+    403: KEY_HINT,
+    404: "check annotate.{role}.base_url (it ends before /chat/completions) and "
+    "annotate.{role}.model (the name the server serves)",
 }
+NO_MODEL_LIST = frozenset({404, 405})  # GET /models statuses of a server that lists none
+RESUME_HINT = "the run stopped and this answer was not cached: fix it and run the same command"
 
 
 class _AttemptFailed(Exception):
@@ -113,14 +142,17 @@ class OpenAIBackend:
     name = "openai"
     reads_images = True
 
-    def __init__(self, config: AnnotateConfig) -> None:
+    def __init__(self, config: AnnotateConfig, roles: tuple[Role, ...] = ROLES) -> None:
         self.config = config
-        self._endpoints: dict[Role, EndpointConfig] = {
-            "describer": config.describer,
-            "instructor": config.instructor,
-        }
+        self._endpoints: dict[Role, EndpointConfig] = {r: getattr(config, r) for r in roles}
+        for role, endpoint in self._endpoints.items():
+            key = api_key(endpoint)
+            register_secret(key)
+            for url in endpoint.base_urls:
+                check_transport(f"annotate.{role}", url, bool(key), endpoint.allow_insecure)
         self._pools = {role: server_pool(role, ep) for role, ep in self._endpoints.items()}
         self._state: _LoopState | None = None
+        self.prompt_floor: PromptFloor | None = None  # set by the describer's probe
 
     def __repr__(self) -> str:
         models = {role: ep.model for role, ep in self._endpoints.items()}
@@ -134,15 +166,21 @@ class OpenAIBackend:
         return {role: pool.stats() for role, pool in self._pools.items()}
 
     def check_ready(self) -> None:
-        """Fail early, before any pair is sent, when no server of a role can be reached or a
-        server does not serve the configured model (GET /models, where the server has it).
-        Servers that cannot be reached while others of their role can are taken out."""
+        """Fail early, before any pair is sent, when no server of a role can be reached, a
+        server refuses the key or does not serve the configured model (GET /models, where
+        the server has it), or the describer cannot see images (the probe). Servers that
+        cannot be reached while others of their role can are taken out."""
         for role, endpoint in self._endpoints.items():
             down = check_servers(role, endpoint)
             pool = self._pools[role]
             for server in pool.servers:
                 if server.url in down:
                     pool.take_out(server, f"the readiness check ({down[server.url]})")
+            routes = ", ".join(route_text(url) for url in endpoint.base_urls)
+            logger.info("annotate.%s: model %r at %s", role, endpoint.model, routes)
+            if role == "describer" and endpoint.probe:
+                up = [url for url in endpoint.base_urls if url not in down]
+                self.prompt_floor = probe_describer(endpoint, up)
 
     async def complete(self, request: PromptRequest) -> Completion:
         endpoint = self._endpoints[request.role]
@@ -152,8 +190,8 @@ class OpenAIBackend:
             async for attempt in self._retrying():
                 with attempt:
                     attempt_number = attempt.retry_state.attempt_number
-                    text = await self._attempt(request.role, body)
-                    return Completion(text=text, attempts=attempt_number)
+                    answer = await self._attempt(request.role, body)
+                    return self._judged(request, replace(answer, attempts=attempt_number))
         except _AttemptFailed as failed:
             error = failed.error
             error.attempts = attempt_number
@@ -161,6 +199,29 @@ class OpenAIBackend:
                 error.detail += f" (gave up after {attempt_number} attempts)"
             raise error from failed.__cause__
         raise AssertionError("unreachable: the retry loop returns or raises")
+
+    def _judged(self, request: PromptRequest, answer: Completion) -> Completion:
+        """`answer`, or a final `BackendError` for a describe answer cut at max_tokens or
+        made from a prompt too short to have held its two images."""
+        if request.step != "describe":
+            return answer
+        endpoint = self._endpoints[request.role]
+        if answer.finish_reason == "length":
+            detail = (
+                f"the description stopped at max_tokens ({endpoint.max_tokens}) before its "
+                f"end; raise annotate.{request.role}.max_tokens"
+            )
+            raise BackendError("truncated_description", detail, answer.attempts, answer.text)
+        floor, counted = self.prompt_floor, answer.prompt_tokens
+        if floor is not None and counted is not None:
+            words = sum(len(m.text.split()) for m in request.messages)
+            if counted < floor.minimum(words):
+                detail = (
+                    f"the server counted {counted} prompt tokens, fewer than the text and two "
+                    f"images take (at least {floor.minimum(words)}): it dropped the images"
+                )
+                raise BackendError("images_ignored", detail, answer.attempts, answer.text)
+        return answer
 
     async def aclose(self) -> None:
         state, self._state = self._state, None
@@ -196,11 +257,11 @@ class OpenAIBackend:
             reraise=True,
         )
 
-    async def _attempt(self, role: Role, body: dict[str, Any]) -> str:
-        """One HTTP attempt on a server of `role`: the answer's content, or `_AttemptFailed`."""
+    async def _attempt(self, role: Role, body: dict[str, Any]) -> Completion:
+        """One HTTP attempt on a server of `role`: the answer, or `_AttemptFailed`."""
         endpoint, state = self._endpoints[role], self._loop_state()
-        key = os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        key = api_key(endpoint)
+        headers = auth_headers(key)
         async with _server_slot(self._pools[role], state.slots) as server:
             url = chat_url(server.url)
             where = f"model {endpoint.model!r} at {safe_url(url)}"
@@ -219,14 +280,14 @@ class OpenAIBackend:
                 )
                 raise _AttemptFailed(BackendError("timeout", detail)) from exc
             except httpx.TransportError as exc:
-                reason = _redact(f"{type(exc).__name__}: {exc}", key)
+                reason = redact(f"{type(exc).__name__}: {exc}", key)
                 detail = f"could not talk to {where} ({reason}); is the server up?"
                 raise _AttemptFailed(BackendError("connection_error", detail)) from exc
             except httpx.HTTPError as exc:  # e.g. a body that does not decode (bad gzip)
-                reason = _redact(f"{type(exc).__name__}: {exc}", key)
+                reason = redact(f"{type(exc).__name__}: {exc}", key)
                 detail = f"{where} sent a response that could not be read ({reason})"
                 raise _AttemptFailed(BackendError("malformed_response", detail)) from exc
-            return read_answer(response, where, key)
+            return read_answer(response, where, key, setup_hint(role, endpoint))
 
 
 @contextlib.asynccontextmanager
@@ -291,33 +352,141 @@ def check_servers(role: Role, endpoint: EndpointConfig) -> dict[str, str]:
 def check_server(
     role: Role, endpoint: EndpointConfig, base_url: str, client: httpx.Client
 ) -> str | None:
-    """None when `base_url` answers GET /models, else what could not be reached (no
-    credentials); raises RuntimeError when it is not an http(s) URL (it never will be) or
-    lists other models only."""
+    """None when `base_url` answers GET /models (or has no model list), else what could not
+    be reached; raises `SetupError` when it refuses the key, answers another error, lists
+    other models only, or is not an http(s) URL (it never will be)."""
     url = base_url.rstrip("/") + "/models"
-    key = os.environ.get(endpoint.api_key_env, "")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    key = api_key(endpoint)
     try:
-        response = client.get(url, headers=headers)
+        response = client.get(url, headers=auth_headers(key))
     except (httpx.InvalidURL, httpx.UnsupportedProtocol) as err:
-        raise RuntimeError(
+        raise SetupError(
             f"annotate.{role}: cannot reach {safe_url(url)}: not an http(s) URL "
             f"({type(err).__name__})"
         ) from None
     except httpx.HTTPError as err:
         return f"{safe_url(url)} ({type(err).__name__})"
-    if response.status_code != 200:
+    status = response.status_code
+    if status in NO_MODEL_LIST:
         return None  # not every server lists its models; the first request will tell
-    try:
-        served = [item["id"] for item in response.json().get("data", [])]
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
+    if status >= 500:
+        return f"{safe_url(url)} (HTTP {status})"
+    if status != 200:
+        hint = setup_hint(role, endpoint).get(status, "check the server's settings")
+        excerpt = _excerpt(redact(response.text, key))
+        raise SetupError(
+            f"annotate.{role}: {safe_url(url)} answered HTTP {status}: {excerpt}; {hint}"
+        )
+    served = served_models(response)
     if served and endpoint.model not in served:
-        raise RuntimeError(
+        listed = redact(", ".join(served), key)
+        raise SetupError(
             f"annotate.{role}.model {endpoint.model!r} is not served at "
-            f"{safe_url(base_url)}; it serves: {', '.join(served)}"
+            f"{safe_url(base_url)}; it serves: {listed}"
         )
     return None
+
+
+def served_models(response: httpx.Response) -> list[str]:
+    """The model ids of a GET /models answer (empty when it lists none or is not one)."""
+    try:
+        return [str(item["id"]) for item in response.json().get("data", [])]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return []
+
+
+def api_key(endpoint: EndpointConfig) -> str:
+    """The endpoint's API key from the environment ("" when unset)."""
+    return os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
+
+
+def auth_headers(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def setup_hint(role: Role, endpoint: EndpointConfig) -> dict[int, str]:
+    """What to fix, per HTTP status that means the configuration of `role` is wrong."""
+    env = endpoint.api_key_env or "(no variable)"
+    return {status: hint.format(env=env, role=role) for status, hint in SETUP_HINTS.items()}
+
+
+PROBE_TRIES = 3  # a probe that meets a 5xx or a dropped connection is sent again
+
+
+def probe_describer(endpoint: EndpointConfig, urls: list[str]) -> PromptFloor | None:
+    """Send the capability probe to each server in `urls`; raise `SetupError` when one
+    cannot see its images. Returns the smallest prompt floor measured (None: unreported)."""
+    timeout = httpx.Timeout(endpoint.timeout)
+    with (
+        httpx.Client(timeout=timeout) as client,
+        ThreadPoolExecutor(max_workers=max(1, min(len(urls), 16))) as threads,
+    ):
+        floors = list(threads.map(lambda url: _probe_server(endpoint, url, client), urls))
+    known = [floor for floor in floors if floor is not None]
+    return min(known, key=lambda f: f.image_tokens) if known else None
+
+
+def _probe_server(endpoint: EndpointConfig, url: str, client: httpx.Client) -> PromptFloor | None:
+    probe = new_probe()
+    where = f"annotate.describer: model {endpoint.model!r} at {safe_url(url)}"
+    seen = _probe_answer(endpoint, url, client, probe.messages, where)
+    problem = judge_answer(probe, strip_reasoning(seen.text))
+    excerpt = _excerpt(seen.text)
+    if problem is not None:
+        raise SetupError(
+            f"{where} cannot see images: asked for the colours of a {probe.colours[0]} and a "
+            f"{probe.colours[1]} square, {problem} (answer: {excerpt}); serve a vision-language "
+            "model as the describer (a text-only model drops the images silently); "
+            "to skip this check set annotate.describer.probe=false"
+        )
+    if seen.prompt_tokens is None:
+        return None
+    blind = _probe_answer(endpoint, url, client, probe.text_only, where, max_tokens=1)
+    cost = image_tokens(seen.prompt_tokens, blind.prompt_tokens)
+    if cost is None or blind.prompt_tokens is None:
+        return None
+    if cost <= 0:
+        raise SetupError(
+            f"{where} counted no prompt tokens for the two images of the probe "
+            f"({seen.prompt_tokens} with them, {blind.prompt_tokens} without): it drops images; "
+            "serve a vision-language model as the describer"
+        )
+    return PromptFloor(blind.prompt_tokens, cost, probe.words)
+
+
+def _probe_answer(
+    endpoint: EndpointConfig,
+    url: str,
+    client: httpx.Client,
+    messages: tuple[ChatMessage, ...],
+    where: str,
+    max_tokens: int | None = None,
+) -> Completion:
+    """The answer to one probe request (tried again on a 5xx or a dropped connection)."""
+    body: dict[str, Any] = {
+        "model": endpoint.model,
+        "messages": [to_openai_message(m) for m in messages],
+        "temperature": 0.0,
+        "max_tokens": max_tokens or endpoint.max_tokens,
+    }
+    key = api_key(endpoint)
+    problem = ""
+    for _ in range(PROBE_TRIES):
+        try:
+            response = client.post(chat_url(url), json=body, headers=auth_headers(key))
+        except httpx.HTTPError as err:
+            problem = f"{type(err).__name__}"
+            continue
+        if response.status_code >= 500:
+            problem = f"HTTP {response.status_code}"
+            continue
+        try:
+            return read_answer(response, where, key, setup_hint("describer", endpoint))
+        except _AttemptFailed as failed:
+            if max_tokens is not None and failed.error.reason in ("truncated", "empty_response"):
+                return Completion("", finish_reason="length", prompt_tokens=_usage(response))
+            raise SetupError(f"the capability probe failed: {failed.error.detail}") from None
+    raise SetupError(f"{where}: the capability probe got no answer ({problem})")
 
 
 def request_body(endpoint: EndpointConfig, request: PromptRequest) -> dict[str, Any]:
@@ -348,10 +517,13 @@ def to_openai_message(message: ChatMessage) -> dict[str, Any]:
     return {"role": message.role, "content": parts}
 
 
-def read_answer(response: httpx.Response, where: str, key: str = "") -> str:
-    """The content of a chat-completions answer, or `_AttemptFailed` saying what went wrong."""
+def read_answer(
+    response: httpx.Response, where: str, key: str = "", setup: dict[int, str] | None = None
+) -> Completion:
+    """A chat-completions answer (secrets redacted), `SetupError` for a status in `setup`
+    (the configuration is wrong), or `_AttemptFailed` saying what went wrong."""
     status = response.status_code
-    raw = _redact(response.text, key)
+    raw = redact(response.text, key)
     excerpt = _excerpt(raw)
     if status == 429 or status >= 500:
         reason = "rate_limited" if status == 429 else "server_error"
@@ -361,12 +533,18 @@ def read_answer(response: httpx.Response, where: str, key: str = "") -> str:
         if status not in (429, 503):
             retry_after = None
         raise _AttemptFailed(BackendError(reason, detail, raw=raw[:RAW_LIMIT]), retry_after)
+    if setup and status in setup:
+        raise SetupError(
+            f"{where} refused the request with HTTP {status}: {excerpt}; {setup[status]}; "
+            f"{RESUME_HINT}"
+        )
     if status != 200:
         hint = CLIENT_ERROR_HINTS.get(status, "check max_tokens and the endpoint's extra_body")
         detail = f"{where} refused the request with HTTP {status}: {excerpt}; {hint}"
         raise _AttemptFailed(BackendError("client_error", detail, raw=raw[:RAW_LIMIT]))
     content, problem = _content(response)
-    if content is None and _finish_reason(response) == "length":
+    finish_reason = _finish_reason(response)
+    if content is None and finish_reason == "length":
         detail = (
             f"{where} stopped at max_tokens before any answer text (finish_reason length, e.g. "
             "a reasoning model still thinking); raise the endpoint's max_tokens"
@@ -378,7 +556,16 @@ def read_answer(response: httpx.Response, where: str, key: str = "") -> str:
     if not content.strip():
         detail = f"{where} answered with empty content: {excerpt}"
         raise _AttemptFailed(BackendError("empty_response", detail, raw=raw[:RAW_LIMIT]))
-    return content
+    return Completion(redact(content, key), 1, finish_reason, _usage(response))
+
+
+def _usage(response: httpx.Response) -> int | None:
+    """`usage.prompt_tokens` of an answer, when the server reports it."""
+    try:
+        tokens = response.json()["usage"]["prompt_tokens"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None
 
 
 def _content(response: httpx.Response) -> tuple[str | None, str]:
@@ -432,10 +619,6 @@ def safe_url(url: str) -> str:
         return "<invalid URL>"
 
 
-def _redact(text: str, key: str) -> str:
-    return text.replace(key, "<redacted>") if key else text
-
-
 def _excerpt(text: str) -> str:
     flat = re.sub(r"\s+", " ", text).strip()
     if not flat:
@@ -444,11 +627,11 @@ def _excerpt(text: str) -> str:
 
 
 @BACKENDS.register("openai")
-def build_openai_backend(config: AnnotateConfig) -> OpenAIBackend:
-    """The `openai` backend; both endpoints must name their served model."""
-    for role in ("describer", "instructor"):
+def build_openai_backend(config: AnnotateConfig, roles: tuple[Role, ...] = ROLES) -> OpenAIBackend:
+    """The `openai` backend for `roles`; each of their endpoints must name its served model."""
+    for role in roles:
         if not getattr(config, role).model:
             raise ValueError(
                 f"annotate.{role}.model is empty: set it to the model name the server serves"
             )
-    return OpenAIBackend(config)
+    return OpenAIBackend(config, roles)

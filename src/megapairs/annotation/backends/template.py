@@ -13,6 +13,7 @@ import json
 import re
 
 from megapairs.annotation.backends.base import BACKENDS
+from megapairs.annotation.checks import GROUNDING_STOP_WORDS
 from megapairs.annotation.types import Completion, PairContext, PromptRequest, Role
 from megapairs.config import AnnotateConfig
 
@@ -20,13 +21,17 @@ STOP_WORDS = frozenset({"a", "an", "the", "of", "on", "in", "at", "with", "and",
 STOP_WORDS |= {"for", "by", "from", "is", "are", "its", "it", "this", "that"}
 
 
+# Fallbacks that the checks keep when the specific requests are refused or missing; each
+# names the pair's subject (caption words), so it stays grounded in the description.
 GENERIC_INSTRUCTIONS = (
-    "find another picture closely related to this one",
-    "show me a different image that shares this one's main subject",
-    "search for a variation of this scene",
-    "a related photo with a similar composition",
-    "something in the same spirit as this picture",
+    "find another picture of {subject} closely related to this one",
+    "show me a different image that shares this one's {subject}",
+    "search for a variation of this scene with {subject}",
+    "a related photo of {subject} with a similar composition",
+    "something with {subject} in the same spirit as this picture",
 )
+SUBJECT_WORDS = 6  # caption words at most in a generic request (keeps it short)
+FALLBACK_SUBJECT = "visual style"  # no caption content word: the description names this
 
 
 def content_words(caption: str | None) -> list[str]:
@@ -35,13 +40,23 @@ def content_words(caption: str | None) -> list[str]:
     return list(dict.fromkeys(w for w in words if w not in STOP_WORDS))
 
 
+def subject(query: list[str], target: list[str]) -> str:
+    """What the generic requests name: the shared caption content words, else the target's,
+    else the query's (at most `SUBJECT_WORDS`, none the grounding check ignores), else
+    `FALLBACK_SUBJECT`."""
+    query = [w for w in query if w not in GROUNDING_STOP_WORDS]
+    target = [w for w in target if w not in GROUNDING_STOP_WORDS]
+    words = [w for w in query if w in target] or target or query
+    return " ".join(words[:SUBJECT_WORDS]) or FALLBACK_SUBJECT
+
+
 def describe_pair(context: PairContext) -> str:
     """What the captions share and how the target's differs from the query's."""
     query, target = content_words(context.query_caption), content_words(context.target_caption)
     if not query and not target:
         return (
             "Neither image has a caption, so nothing can be said about what they share "
-            "beyond their visual similarity; the target is a related picture."
+            f"beyond their {FALLBACK_SUBJECT}; the target is a related picture."
         )
     shared = [w for w in query if w in target]
     added = [w for w in target if w not in query]
@@ -54,12 +69,15 @@ def describe_pair(context: PairContext) -> str:
     if added or removed:
         change = f"The target adds {' '.join(added) or 'nothing'}"
         sentences.append(f"{change} and drops {' '.join(removed) or 'nothing'}.")
+    if subject(query, target) == FALLBACK_SUBJECT:
+        sentences.append(f"They share a {FALLBACK_SUBJECT}.")
     return " ".join(sentences)
 
 
 def instruct_pair(context: PairContext) -> list[str]:
-    """Search requests from the caption differences, then generic ones, which the checks
-    keep when specific ones are refused (e.g. restating the target caption) or missing."""
+    """Search requests from the caption differences, then generic ones naming the pair's
+    `subject`, which the checks keep when specific ones are refused (e.g. restating the
+    target caption) or missing."""
     query, target = content_words(context.query_caption), content_words(context.target_caption)
     shared = " ".join(w for w in query if w in target)
     added = " ".join(w for w in target if w not in query)
@@ -72,7 +90,8 @@ def instruct_pair(context: PairContext) -> list[str]:
         specific.append(f"keep the {shared} but change it to {added}")
     if removed and added:
         specific.append(f"replace the {removed} with {added}")
-    return specific + list(GENERIC_INSTRUCTIONS)
+    about = subject(query, target)
+    return specific + [generic.format(subject=about) for generic in GENERIC_INSTRUCTIONS]
 
 
 class TemplateBackend:
@@ -97,5 +116,5 @@ class TemplateBackend:
 
 
 @BACKENDS.register("template")
-def build_template(config: AnnotateConfig) -> TemplateBackend:
+def build_template(config: AnnotateConfig, roles: tuple[Role, ...] = ()) -> TemplateBackend:
     return TemplateBackend()
