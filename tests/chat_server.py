@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from megapairs.annotation.backends.probe import PALETTE
+
 Body = dict[str, Any]
 
 # Faults drawn by probability, in this order; the rule may also name the RULE_ONLY ones.
@@ -490,14 +492,7 @@ def default_answer(body: Body) -> str:
     return json.dumps({"instructions": instructions_for(body)})
 
 
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 40),
-    "blue": (30, 60, 220),
-    "yellow": (240, 220, 30),
-    "black": (10, 10, 10),
-    "white": (250, 250, 250),
-}
+COLOURS = PALETTE  # the colour names a seeing server knows: those the probe uses
 
 
 def colours_answer(body: Body) -> str:
