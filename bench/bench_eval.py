@@ -45,13 +45,14 @@ from machine import cpu_model
 from PIL import Image
 
 from megapairs.evaluation.cache import DECODE_WORKERS, GalleryCache, checkpoint_key, encode_items
-from megapairs.evaluation.evaluator import ADAPTERS, SEARCH_MARGIN, evaluate, search
+from megapairs.evaluation.evaluator import BENCHMARKS, SEARCH_MARGIN, evaluate, search
 from megapairs.evaluation.loaders import load_benchmark
 from megapairs.models.base import build_retriever
 from megapairs.neighbours.search import default_nlist
 
 DEFAULT_WORKDIR = Path(__file__).resolve().parent / "out" / "eval-data"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "out" / "eval.md"
+HIDDEN_FIELDS = ("target_img_id", "gt_img_ids", "semantic_aspects")  # absent from test.json
 IMAGE_INFO = "COCO2017_unlabeled/annotations/image_info_unlabeled2017.json"
 IMAGE_FOLDER = "COCO2017_unlabeled/unlabeled2017"
 PROTOTYPES = 400
@@ -98,9 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # inputs -------------------------------------------------------------------------
 
 
-def write_data_root(root: Path, args: argparse.Namespace) -> Path:
-    """A CIRCO-layout data root; reused when `data.json` says it has these sizes."""
+def write_data_root(root: Path, args: argparse.Namespace, test: bool = False) -> Path:
+    """A CIRCO-layout data root (val, and with `test` a test split without ground truth
+    over the same gallery); reused when `data.json` says it has these sizes."""
     spec = {"images": args.images, "queries": args.queries, "size": args.size, "seed": args.seed}
+    spec["test"] = test
     marker = root / "data.json"
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return root
@@ -110,6 +113,10 @@ def write_data_root(root: Path, args: argparse.Namespace) -> Path:
     info = {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(args.images)]}
     write_json(root / IMAGE_INFO, info)
     write_json(root / "annotations" / "val.json", circo_queries(clusters, args.queries, rng))
+    if test:
+        queries = circo_queries(clusters, args.queries, rng)
+        hidden = [{k: v for k, v in q.items() if k not in HIDDEN_FIELDS} for q in queries]
+        write_json(root / "annotations" / "test.json", hidden)
     write_json(marker, spec)
     return root
 
@@ -361,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.workdir / "cache"
     runs = timed_evaluations(root, model, cache, args.batch_size)
     gallery, queries = embeddings(root, model, cache, args.batch_size)
-    k = ADAPTERS["circo"].depth + SEARCH_MARGIN  # what the evaluator asks FAISS for
+    k = BENCHMARKS["circo"].depth + SEARCH_MARGIN  # what the evaluator asks FAISS for
     searches = search_timings(gallery, queries, args, k)
     text = report(args, runs, searches, k, setup_s)
     args.results.parent.mkdir(parents=True, exist_ok=True)

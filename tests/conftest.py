@@ -1,8 +1,10 @@
 """Shared test settings (never reach for a model hub) and tiny models built once."""
 
 import os
+from collections.abc import Iterator
 
 import pytest
+import torch
 from tiny_models import Tiny, build_tiny_clip, build_tiny_dinov2, build_tiny_siglip
 from tiny_vlm import build_tiny_causal_lm, build_tiny_llava_next
 
@@ -36,3 +38,13 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
 def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     """A tiny random Llama causal LM with its tokenizer and chat template."""
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run a test with one torch thread (training on a shared CPU: spinning OpenMP threads
+    cost several times more), then restore the previous number."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -275,6 +275,72 @@ def write_genecis_root(root: Path, subtasks: Sequence[str] = GENECIS_SUBTASKS) -
     return root
 
 
+# --- query texts -------------------------------------------------------------------------
+# One entry per benchmark in its public annotation format and the query text that each
+# template name makes of it, written out by hand from the sources the loaders cite.
+
+CIRCO_TEXT_ENTRY: dict[str, Any] = {
+    "reference_img_id": 33,
+    "target_img_id": 44,
+    "relative_caption": "is running into the water and the sky is cloudy",
+    "shared_concept": "a dog on a beach",
+    "gt_img_ids": [44, 66],
+    "id": 5,
+    "semantic_aspects": ["addition", "spatial_relations_background"],
+}
+CIRCO_TEXTS = {
+    # circo_query.jsonl's form: capital F, a comma before "but", a full stop
+    "megapairs": (
+        "Find a picture that also a dog on a beach, but is running into the water and the sky "
+        "is cloudy."
+    ),
+    "magiclens": "find a dog on a beach but is running into the water and the sky is cloudy",
+    "bare": "is running into the water and the sky is cloudy",
+}
+
+
+def cirr_text_entry() -> dict[str, Any]:
+    """A val entry whose caption is capitalised and ends with a full stop, as many do."""
+    entry = cirr_entries("val")[0]
+    entry["caption"] = "Show two dogs of the same breed lying on the grass."
+    return entry
+
+
+CIRR_TEXTS = {"bare": "Show two dogs of the same breed lying on the grass."}
+
+
+def fashioniq_text_entry(category: str) -> dict[str, Any]:
+    """Captions as FashionIQ releases them: one ends with a full stop, one starts with a space."""
+    names = fashioniq_image_names(category)
+    captions = ["Is lighter with a floral print.", " has shorter sleeves"]
+    return {"target": names[3], "candidate": names[1], "captions": captions}
+
+
+FASHIONIQ_TEXTS = {
+    # the released query files keep both captions verbatim, hence "., and  has"
+    "megapairs": "Is lighter with a floral print., and  has shorter sleeves",
+    "and": "Is lighter with a floral print. and  has shorter sleeves",
+}
+FASHIONIQ_STRIPPED = "Is lighter with a floral print and has shorter sleeves"  # ".?, " stripped
+
+# For the first query of each `genecis_entries(subtask)` (conditions color, red,
+# cardboard, dog).
+GENECIS_TEXTS = {
+    "megapairs": {
+        "focus_attribute": "focus on the color",
+        "change_attribute": "make it red",
+        "focus_object": "focus on the cardboard",
+        "change_object": "add dog",
+    },
+    "bare": {  # GeneCIS' baselines: the condition word itself
+        "focus_attribute": "color",
+        "change_attribute": "red",
+        "focus_object": "cardboard",
+        "change_object": "dog",
+    },
+}
+
+
 # --- MMEB --------------------------------------------------------------------------------
 
 MMEB_TOKEN = "<|image_1|>"

@@ -37,7 +37,6 @@ from megapairs.demo.learn import (
 )
 from megapairs.demo.scenes import ATTRIBUTES, generate_scene_corpus, read_attributes
 from megapairs.demo.scenes import shared_attributes as shared
-from megapairs.evaluation.loaders import load_benchmark
 from megapairs.evaluation.types import EvalQuery
 from megapairs.models.clip import MMRetCLIP
 
@@ -152,16 +151,22 @@ def test_checkpoint_is_a_from_scratch_clip_that_round_trips(
     assert (tmp_path / "again" / BUILD_RECORD).is_file()
 
 
-def reference_id(query: EvalQuery) -> int:
-    """The CIRCO image id of a query's reference image (its file is named by the id)."""
+def reference_id(query: EvalQuery, corpus: dict[str, Any]) -> int:
+    """The corpus record id (the CIRCO-style image id) of a query's reference image."""
     assert query.image is not None
-    return int(query.image.path.stem)
+    (image_id,) = [i.id for i in corpus["images"].values() if i.path == query.image.path]
+    return image_id
 
 
-def test_held_out_set_loads_with_the_real_circo_loader(
+def test_held_out_set_is_a_circo_task_like_the_loader_builds(
     report: LearnReport, corpus: dict[str, Any]
 ) -> None:
-    (task,) = load_benchmark("circo", report.data_root, "val", {"template": QUERY_TEMPLATE})
+    task = report.task
+    assert (task.benchmark, task.split, task.settings["template"]) == (
+        "circo",
+        "val",
+        QUERY_TEMPLATE,
+    )
     truth, images = corpus["truth"], corpus["images"]
     key_of = {str(image.id): key for key, image in images.items()}
     assert len(task.gallery) == N_SCENES
@@ -170,15 +175,14 @@ def test_held_out_set_loads_with_the_real_circo_loader(
         assert query.text and query.text.startswith(INSTRUCTION.format(""))
         assert query.targets
         (aspect,) = query.meta["semantic_aspects"]
-        reference = truth[key_of[str(reference_id(query))]]
+        reference = truth[key_of[str(reference_id(query, corpus))]]
         for target in query.targets:
             scene = truth[key_of[target]]
             assert [a for a in ATTRIBUTES if scene[a] != reference[a]] == [aspect]
 
 
 def test_held_out_scenes_never_reach_training(report: LearnReport, corpus: dict[str, Any]) -> None:
-    (task,) = load_benchmark("circo", report.data_root, "val", {"template": QUERY_TEMPLATE})
-    held = {reference_id(query) for query in task.queries}
+    held = {reference_id(query, corpus) for query in report.task.queries}
     assert len(held) == report.held_out_scenes
     rows, total = kept_rows(corpus["dataset"], held)
     assert report.training_rows.kept == len(rows) < total == report.training_rows.total

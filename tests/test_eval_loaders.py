@@ -13,15 +13,23 @@ import pytest
 from eval_fixtures import (
     CIRCO_GALLERY_IDS,
     CIRCO_IMAGES,
+    CIRCO_TEXT_ENTRY,
+    CIRCO_TEXTS,
+    CIRR_TEXTS,
     FASHIONIQ_CATEGORIES,
+    FASHIONIQ_STRIPPED,
+    FASHIONIQ_TEXTS,
     GENECIS_COCO,
     GENECIS_SUBTASKS,
+    GENECIS_TEXTS,
     GENECIS_VG,
     MMEB_TOKEN,
     circo_entries,
     cirr_entries,
     cirr_image_names,
+    cirr_text_entry,
     fashioniq_image_names,
+    fashioniq_text_entry,
     genecis_entries,
     write_circo_root,
     write_cirr_root,
@@ -31,8 +39,17 @@ from eval_fixtures import (
     write_mmeb_root,
 )
 
-from megapairs.evaluation.loaders import DEFAULT_SPLITS, LOADERS, load_benchmark
+from megapairs.evaluation.benchmarks import BENCHMARKS
+from megapairs.evaluation.loaders import (
+    LOADERS,
+    circo,
+    cirr,
+    fashioniq,
+    genecis,
+    load_benchmark,
+)
 from megapairs.evaluation.loaders import base as loaders_base
+from megapairs.evaluation.loaders.base import resolve_template
 from megapairs.evaluation.loaders.circo import PAPER_TEMPLATE
 from megapairs.evaluation.loaders.mmeb import DATASETS
 from megapairs.evaluation.types import BenchmarkDataError, EvalTask
@@ -52,7 +69,7 @@ def only(tasks: list[EvalTask]) -> EvalTask:
 
 def test_every_benchmark_is_registered_with_a_default_split():
     assert LOADERS.names() == ["circo", "cirr", "fashioniq", "genecis", "mmeb"]
-    assert sorted(DEFAULT_SPLITS) == LOADERS.names()
+    assert sorted(BENCHMARKS) == LOADERS.names()
 
 
 def test_unknown_benchmark_setting_and_split_are_refused(tmp_path):
@@ -82,7 +99,7 @@ def test_circo_val_ranks_the_whole_gallery_with_the_reference_kept(tmp_path):
     assert [c.id for c in task.gallery] == [str(i) for i in CIRCO_GALLERY_IDS]
     query = task.queries[1]
     assert query.id == "1"
-    assert query.text == "find a picture that also a teddy bear, but has two of them on a bench"
+    assert query.text == "Find a picture that also a teddy bear, but has two of them on a bench."
     assert query.targets == ("44", "55")
     assert query.image is not None and query.image.path == root / CIRCO_IMAGES / "000000000033.jpg"
     assert query.image.path.is_file()
@@ -90,7 +107,8 @@ def test_circo_val_ranks_the_whole_gallery_with_the_reference_kept(tmp_path):
     assert query.meta["semantic_aspects"] == ["cardinality", "spatial_relations_background"]
     assert "33" in {c.id for c in task.gallery}  # the reference stays rankable
     assert task.queries[2].targets == ("11", "66", "77")  # target first, then the others
-    assert task.settings["template"] == PAPER_TEMPLATE  # the paper's query form
+    assert task.settings["template"] == PAPER_TEMPLATE  # the released query file's form
+    assert task.settings["template_name"] == "megapairs"
     assert task.settings["instruction"] is None and query.instruction is None
     assert task.settings["missing_images"] == 0
     assert task.settings["gallery_size"] == len(CIRCO_GALLERY_IDS)
@@ -165,21 +183,24 @@ def test_fashioniq_one_task_per_category_with_joined_captions(tmp_path):
     dress = tasks[0]
     names = fashioniq_image_names("dress")
     assert [c.id for c in dress.gallery] == names
-    assert dress.queries[0].text == "is red and has long sleeves"
-    assert dress.queries[1].text == "is shorter and  darker"  # captions as released
+    assert dress.queries[0].text == "is red, and has long sleeves"
+    assert dress.queries[1].text == "is shorter, and  darker"  # captions as released
     assert dress.queries[0].targets == (names[1],)
     assert dress.queries[0].exclude == ()  # FashionIQ keeps the reference in the ranking
-    assert dress.settings["template"] == "{0} and {1}"
+    assert dress.settings["template"] == "{0}, and {1}"
+    assert dress.settings["template_name"] == "megapairs"
+    assert dress.settings["caption_strip"] is None
     assert dress.settings["category"] == "dress"
 
 
 def test_fashioniq_joiner_categories_and_extension_are_settings(tmp_path):
     root = write_fashioniq_root(tmp_path, categories=("shirt",), extension=".jpg")
-    settings = {"categories": ["shirt"], "image_extension": ".jpg", "template": "{0}, and {1}"}
+    settings = {"categories": ["shirt"], "image_extension": ".jpg", "template": "and"}
     task = only(load_benchmark("fashioniq", root, "val", settings))
     assert task.name == "fashioniq/shirt/val"
-    assert task.queries[0].text == "is red, and has long sleeves"
-    assert task.settings["template"] == "{0}, and {1}"
+    assert task.queries[0].text == "is red and has long sleeves"
+    assert task.settings["template"] == "{0} and {1}"
+    assert task.settings["template_name"] == "and"
     assert task.queries[0].image is not None and task.queries[0].image.path.suffix == ".jpg"
 
 
@@ -230,6 +251,32 @@ def test_genecis_candidate_ids_are_unique_per_query(tmp_path):
     assert all(len(set(c.id for c in q.candidates)) == len(q.candidates) for q in task.queries)
 
 
+def test_genecis_image_id_may_be_a_string_of_digits(tmp_path):
+    """Visual Genome ids as strings load as their integers do (GeneCIS' code formats
+    either into f"{image_id}.jpg"); other strings are refused (a string val_image_id
+    too, since the code formats it with :012d: test_a_field_of_the_wrong_type_is_named)."""
+    root = write_genecis_root(tmp_path, subtasks=("focus_attribute",))
+    entries = genecis_entries("focus_attribute")
+    as_ints = only(load_benchmark("genecis", root, "val", {"subtasks": "focus_attribute"}))
+    for entry in entries:
+        for item in [entry["reference"], entry["target"], *entry["gallery"]]:
+            item["image_id"] = str(item["image_id"])
+    write_json(root / "focus_attribute.json", entries)
+    assert entries[0]["target"]["image_id"] == "1002"
+    as_strings = only(load_benchmark("genecis", root, "val", {"subtasks": "focus_attribute"}))
+    assert as_strings.queries == as_ints.queries
+    assert as_strings.queries[0].candidates[0].id == "1002:20.5,10,12,9.5"
+    for bad in ("1002a", "", " 1002", "\u0661\u0660", True, 10.5):
+        entries[1]["gallery"][2]["image_id"] = bad
+        write_json(root / "focus_attribute.json", entries)
+        with pytest.raises(
+            BenchmarkDataError,
+            match=r"entry 1: field 'gallery\[2\]\.image_id' should be an integer or a string "
+            "of digits",
+        ):
+            load_benchmark("genecis", root, "val", {"subtasks": "focus_attribute"})
+
+
 def test_genecis_templates_and_a_partial_root(tmp_path):
     root = write_genecis_root(tmp_path, subtasks=("change_attribute", "focus_object"))
     with pytest.raises(BenchmarkDataError, match="2 of the 4 GeneCIS annotation files") as err:
@@ -265,6 +312,118 @@ def test_genecis_templates_and_a_partial_root(tmp_path):
     told = load_benchmark("genecis", tmp_path / "full", "val", {"instruction": "Edit it."})
     assert {query.instruction for task in told for query in task.queries} == {"Edit it."}
     assert told[0].settings["instruction"] == "Edit it."
+
+
+# --- query texts: the defaults and the template names ---------------------------------------
+
+
+def test_circo_query_texts_by_name(tmp_path):
+    root = write_circo_root(tmp_path, entries=[CIRCO_TEXT_ENTRY])
+    default = only(load_benchmark("circo", root, "val"))
+    assert default.queries[0].text == CIRCO_TEXTS["megapairs"]
+    for name, text in CIRCO_TEXTS.items():
+        task = only(load_benchmark("circo", root, "val", {"template": name}))
+        assert task.queries[0].text == text
+        assert task.settings["template"] == circo.TEMPLATES[name]
+        assert task.settings["template_name"] == name
+    assert set(CIRCO_TEXTS) == set(circo.TEMPLATES)
+
+
+def test_cirr_query_text_is_the_caption_as_released(tmp_path):
+    root = write_cirr_root(tmp_path, entries=[cirr_text_entry()])
+    task = only(load_benchmark("cirr", root, "val"))
+    assert task.queries[0].text == CIRR_TEXTS["bare"]
+    assert (task.settings["template"], task.settings["template_name"]) == ("{caption}", "bare")
+    assert set(CIRR_TEXTS) == set(cirr.TEMPLATES)
+
+
+def test_fashioniq_query_texts_by_name_with_captions_verbatim(tmp_path):
+    root = write_fashioniq_root(tmp_path, categories=("toptee",))
+    write_json(root / "captions" / "cap.toptee.val.json", [fashioniq_text_entry("toptee")])
+    base = {"categories": "toptee"}
+    assert (
+        only(load_benchmark("fashioniq", root, "val", base)).queries[0].text
+        == (FASHIONIQ_TEXTS["megapairs"])
+    )
+    for name, text in FASHIONIQ_TEXTS.items():
+        task = only(load_benchmark("fashioniq", root, "val", {**base, "template": name}))
+        assert task.queries[0].text == text
+        assert task.settings["template_name"] == name
+    assert set(FASHIONIQ_TEXTS) == set(fashioniq.TEMPLATES)
+    stripped = {**base, "template": "and", "caption_strip": ".?, "}
+    task = only(load_benchmark("fashioniq", root, "val", stripped))
+    assert task.queries[0].text == FASHIONIQ_STRIPPED
+    assert task.settings["caption_strip"] == ".?, "
+    with pytest.raises(ValueError, match="caption_strip: Input should be a valid string"):
+        load_benchmark("fashioniq", root, "val", {**base, "caption_strip": True})
+
+
+def test_genecis_query_texts_by_name(tmp_path):
+    root = write_genecis_root(tmp_path)
+    for name, texts in GENECIS_TEXTS.items():
+        tasks = load_benchmark("genecis", root, "val", {"templates": name})
+        assert {t.settings["subtask"]: t.queries[0].text for t in tasks} == texts
+        assert {t.settings["template_name"] for t in tasks} == {name}
+        assert tasks[0].settings["templates"] == genecis.TEMPLATE_SETS[name]
+    assert set(GENECIS_TEXTS) == set(genecis.TEMPLATE_SETS)
+    default = load_benchmark("genecis", root, "val")
+    assert [t.queries[0].text for t in default] == list(GENECIS_TEXTS["megapairs"].values())
+    mixed = {"change_object": "bare", "focus_object": "look at the {condition}"}
+    tasks = load_benchmark("genecis", root, "val", {"templates": mixed})
+    assert [t.queries[0].text for t in tasks[2:]] == ["look at the cardboard", "dog"]
+    assert [t.settings["template_name"] for t in tasks] == ["megapairs", "megapairs", None, "bare"]
+    every = load_benchmark("genecis", root, "val", {"templates": "the {condition}"})
+    assert [t.queries[0].text for t in every] == [
+        "the color",
+        "the red",
+        "the cardboard",
+        "the dog",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("module", "names"),
+    [
+        (circo, ["megapairs", "magiclens", "bare"]),
+        (cirr, ["bare"]),
+        (fashioniq, ["megapairs", "and"]),
+    ],
+)
+def test_template_tables_round_trip(module, names):
+    table = module.TEMPLATES
+    assert list(table) == names
+    assert len(set(table.values())) == len(table)  # one name per template
+    for name, template in table.items():
+        assert "{" in template and "{" not in name
+        assert resolve_template("template", name, table) == (template, name)
+        assert resolve_template("template", template, table) == (template, name)
+    assert module.Settings().template == names[0]
+    assert resolve_template("template", "{x} or {y}", table) == ("{x} or {y}", None)
+
+
+def test_genecis_template_sets_round_trip():
+    for name, templates in genecis.TEMPLATE_SETS.items():
+        assert list(templates) == list(genecis.SUBTASKS)
+        for subtask, template in templates.items():
+            table = {n: t[subtask] for n, t in genecis.TEMPLATE_SETS.items()}
+            assert resolve_template("t", template, table) == (template, name)
+    assert genecis.Settings().templates == "megapairs"
+    assert genecis.TEMPLATE_SETS["megapairs"] == genecis.TEMPLATES
+
+
+def test_an_unknown_template_name_is_refused_with_the_names(tmp_path):
+    cases = [
+        ("circo", {"template": "paper"}, r"'paper' is not a template .*megapairs, magiclens, bare"),
+        ("cirr", {"template": "caption"}, r"'caption' is not a template .*names: bare"),
+        ("fashioniq", {"template": "comma"}, r"'comma' is not a template .*megapairs, and"),
+        ("genecis", {"templates": "plain"}, r"templates\.focus_attribute.*megapairs, bare"),
+        ("genecis", {"templates": {"change_object": "add"}}, r"'add' is not a template"),
+    ]
+    for benchmark, settings, message in cases:
+        with pytest.raises(ValueError, match=message):
+            load_benchmark(benchmark, tmp_path, "val", settings)
+    with pytest.raises(ValueError, match="template: Input should be a valid string"):
+        load_benchmark("circo", tmp_path, "val", {"template": 3})
 
 
 # --- MMEB ----------------------------------------------------------------------------------
@@ -496,7 +655,7 @@ def test_real_circo_val_parses_every_query(tmp_path):
         assert query.targets == tuple(str(i) for i in entry["gt_img_ids"])
         assert query.targets[0] == str(entry["target_img_id"])
         concept, caption = entry["shared_concept"], entry["relative_caption"]
-        assert query.text == f"find a picture that also {concept}, but {caption}"
+        assert query.text == f"Find a picture that also {concept}, but {caption}."
         assert query.image is not None
         assert query.image.path.name == f"{entry['reference_img_id']:012d}.jpg"
         assert query.meta["semantic_aspects"] == entry["semantic_aspects"]

@@ -24,6 +24,7 @@ from megapairs.evaluation.metrics import (
     rank_of_first,
     ranking_from_scores,
     subset_ranking,
+    torch_cuda_order,
 )
 from megapairs.evaluation.types import EvalQuery
 
@@ -249,9 +250,10 @@ GENECIS_SCORES = {
 }
 
 
-def test_genecis_ties_count_against_target_by_default() -> None:
+def test_genecis_ties_follow_the_reference_cuda_sort_by_default() -> None:
+    # GeneCIS ranks with similarities.sort(descending=True) on GPU: the bitonic network
+    # puts the target after an equal candidate in q1 and after both in q3 (ranks 1, 0, 2)
     metrics = genecis_metrics(GENECIS_SCORES)
-    # ranks 1, 0, 2
     assert metrics["Recall@1"] == pytest.approx(1 / 3)
     assert metrics["Recall@2"] == pytest.approx(2 / 3)
     assert metrics["Recall@3"] == pytest.approx(1.0)
@@ -259,8 +261,50 @@ def test_genecis_ties_count_against_target_by_default() -> None:
     # ranks 0, 0, 1
     assert optimistic["Recall@1"] == pytest.approx(2 / 3)
     assert optimistic["Recall@2"] == pytest.approx(1.0)
-    # a collapsed model scores nothing, not everything
+    pessimistic = genecis_metrics(GENECIS_SCORES, ties="pessimistic")
+    assert pessimistic == metrics  # the same ranks here, but not in general (below)
+    # a collapsed model (15 equal scores): the target is 6th, so it scores nothing
+    assert torch_cuda_order([0.3] * 15) == [7, 6, 4, 5, 1, 0, 2, 3, 11, 10, 8, 9, 13, 12, 14]
     assert genecis_metrics({"q": [0.3] * 15})["Recall@3"] == 0.0
+    assert genecis_metrics({"q": [0.3] * 15}, ks=(6,))["Recall@6"] == 1.0
+
+
+def test_torch_cuda_order_matches_orders_reported_from_cuda() -> None:
+    # torch.sort / argsort (ascending) on CUDA, as reported in pytorch/pytorch issues
+    # #28871 (1.3), #103909 (2.0.1) and #120874 (2.2); ascending x = descending -x
+    reported = [
+        ([1, 2, 5, 4, 5], [0, 1, 3, 4, 2]),
+        ([1, 2, 3, 3, 2, 1], [5, 0, 1, 4, 2, 3]),
+        ([3, 1, 4, 1, 5, 9, 2, 6, 5], [1, 3, 6, 0, 2, 8, 4, 7, 5]),
+    ]
+    for values, order in reported:
+        assert torch_cuda_order([-v for v in values]) == order
+    rng = np.random.default_rng(3)
+    for _ in range(200):  # it sorts: descending, each index once
+        row = rng.integers(0, 4, size=int(rng.integers(1, 33))).astype(float).tolist()
+        order = torch_cuda_order(row)
+        assert sorted(order) == list(range(len(row)))
+        assert [row[i] for i in order] == sorted(row, reverse=True)
+    with pytest.raises(ValueError, match="at most 32"):
+        torch_cuda_order([0.0] * 33)
+
+
+def test_genecis_tie_order_depends_on_the_tied_position() -> None:
+    """A 15-candidate row whose target ties with gallery item j at the top: the CUDA
+    network puts the target first for some j and second for others, so neither bound
+    reproduces the reference."""
+    base = [0.9 - 0.01 * i for i in range(15)]
+    ranks = {}
+    for j in (1, 2, 4, 8):
+        row = list(base)
+        row[0] = row[j] = 0.95
+        ranks[j] = rank_of_first(row, "torch_cuda")
+        assert rank_of_first(row, "optimistic") == 0 and rank_of_first(row, "pessimistic") == 1
+    assert ranks == {1: 1, 2: 0, 4: 1, 8: 0}
+    longer = [0.5] * 40  # beyond the bitonic network: a stable sort, target first
+    assert rank_of_first(longer, "torch_cuda") == 0
+    with pytest.raises(ValueError, match="unknown tie rule"):
+        rank_of_first([0.1, 0.2], "random")  # type: ignore[arg-type]
 
 
 def test_genecis_average_and_errors() -> None:

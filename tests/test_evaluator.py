@@ -31,18 +31,14 @@ from PIL import Image
 from tiny_models import Tiny
 
 from megapairs.evaluation.cache import ImageDecodeError
-from megapairs.evaluation.evaluator import (
-    ADAPTERS,
-    TaskOutput,
-    evaluate,
+from megapairs.evaluation.command import (
     evaluate_all,
     parse_settings,
     plan_benchmarks,
-    results_path,
     retriever_placement,
     run_eval_command,
 )
-from megapairs.evaluation.loaders import SPLITS
+from megapairs.evaluation.evaluator import BENCHMARKS, TaskOutput, evaluate, results_path
 from megapairs.evaluation.loaders.circo import PAPER_TEMPLATE
 from megapairs.evaluation.submissions import (
     validate_circo_submission,
@@ -185,7 +181,8 @@ def test_circo_metrics_match_a_hand_ranking(circo_root: Path, tmp_path: Path) ->
     assert result.metrics["mAP@10/aspect/cardinality"] == pytest.approx(1.0)
     record = json.loads((tmp_path / "circo-val.json").read_text())
     assert record["metrics"] == pytest.approx(result.metrics)
-    counts = {"tasks": 1, "queries": 3, "gallery": 8, "candidates": 0, "encoded_queries": 3}
+    counts = {"tasks": 1, "queries": 3, "queries_in_split": 3, "gallery": 8, "candidates": 0}
+    counts["encoded_queries"] = 3
     counts["undecodable_images"] = 0
     assert record["counts"] == counts
     assert record["cache"]["dir"] is None and record["cache"]["encoded_rows"] == 8
@@ -543,7 +540,7 @@ def test_the_instruction_setting_reaches_the_retriever(circo_root: Path) -> None
     result = evaluate("circo", told, "fake", circo_root, "val", settings)
     assert told.instructions == ["Retrieve an image that matches the edit."]
     assert result.record["tasks"][0]["settings"]["instruction"] == settings["instruction"]
-    with pytest.raises(ValueError, match="instruction should be a string"):
+    with pytest.raises(ValueError, match="instruction: Input should be a valid string"):
         evaluate("circo", told, "fake", circo_root, "val", {"instruction": 3})
 
 
@@ -561,10 +558,10 @@ def test_genecis_average_needs_all_four_subtasks() -> None:
         "change_object": {"0": hit, "1": miss},
     }
     outputs = [_candidate_output(f"genecis/{name}", s) for name, s in per_subtask.items()]
-    metrics = ADAPTERS["genecis"].metrics(outputs)
+    metrics = BENCHMARKS["genecis"].score(outputs)
     assert metrics["average/Recall@1"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
     assert "missing_subtasks" not in metrics
-    partial = ADAPTERS["genecis"].metrics(outputs[1:])
+    partial = BENCHMARKS["genecis"].score(outputs[1:])
     assert "average/Recall@1" not in partial
     assert partial["missing_subtasks"] == ["focus_attribute"]
 
@@ -588,11 +585,12 @@ def test_retriever_placement_resolves_auto(monkeypatch: pytest.MonkeyPatch) -> N
 def test_a_split_applies_only_to_benchmarks_that_have_it(circo_root: Path, tmp_path: Path) -> None:
     said: list[str] = []
     roots = {"circo": circo_root, "cirr": tmp_path}
-    plan = plan_benchmarks(roots, dict.fromkeys(SPLITS, "test1"), said.append)
+    plan = plan_benchmarks(roots, dict.fromkeys(BENCHMARKS, "test1"), said.append)
     assert plan == {"cirr": (tmp_path, "test1")}
     assert said[0] == "skipping circo: it has no split 'test1' (its splits: val, test)"
     assert said[1:] == [
-        f"skipping {name}: it has no split 'test1' (its splits: {', '.join(SPLITS[name])})"
+        f"skipping {name}: it has no split 'test1' "
+        f"(its splits: {', '.join(BENCHMARKS[name].splits)})"
         for name in ("fashioniq", "genecis", "mmeb")
     ]
     with pytest.raises(ValueError, match="no benchmark has split 'bogus'"):
@@ -626,3 +624,87 @@ def test_undecodable_images_fail_before_encoding_or_are_dropped(tmp_path: Path) 
     assert result.record["counts"]["gallery"] == len(CIRCO_COLOURS) - 2
     assert result.metrics["Recall@50"] == pytest.approx(1.0)
     assert result.metrics["mAP@50"] < 1.0  # query 2's ground truth 66 is a miss
+
+
+# hidden splits: every query or no submission ------------------------------------------------
+def test_a_hidden_split_missing_an_image_writes_no_submission_and_says_how_many(
+    tiny_clip: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from megapairs.cli import main
+
+    root = write_circo_root(tmp_path / "circo", "test")
+    _extend_circo_gallery(root)  # (a submission lists 50 ids per query)
+    (root / CIRCO_IMAGES / f"{11:012d}.jpg").unlink()  # the reference image of query 0
+    output = tmp_path / "out"
+    args = ["eval", "--benchmark", "circo", "--kind", "clip", "--model", str(tiny_clip.path)]
+    args += ["--data-root", str(root), "--split", "test", "--output", str(output), "--quiet"]
+    assert main([*args, "--set", "allow_missing=true", "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "only 2 of 3 queries can be evaluated" in err and "no submission was written" in err
+    assert "e.g. queries 0" in err
+    assert not list(output.glob("*submission*"))
+
+    write_circo_root(tmp_path / "circo", "test")  # the image is back: every query is there
+    _extend_circo_gallery(root)
+    assert main([*args, "--cache-dir", str(tmp_path / "c")]) == 0
+    (submission,) = output.glob("circo-test-submission.json")
+    assert sorted(json.loads(submission.read_text())) == ["0", "1", "2"]
+    record = json.loads((output / "circo-test.json").read_text())
+    assert (record["counts"]["queries"], record["counts"]["queries_in_split"]) == (3, 3)
+    assert "3/3 queries" in (output / "table.md").read_text()
+
+
+def test_every_benchmark_plugin_is_the_cli_choice_and_has_its_loader() -> None:
+    from megapairs.cli import build_parser
+    from megapairs.evaluation.loaders.base import LOADERS
+
+    parser = build_parser()
+    evaluate_parser = parser._subparsers._group_actions[0].choices["eval"]  # type: ignore[union-attr]
+    (choice,) = [a for a in evaluate_parser._actions if a.dest == "benchmark"]
+    assert list(choice.choices) == [*BENCHMARKS, "all"]
+    assert sorted(BENCHMARKS) == LOADERS.names()
+    for plugin in BENCHMARKS.values():
+        assert plugin.default_split in plugin.splits
+
+
+def test_the_paper_recipe_gives_table_1_and_the_submissions(
+    tiny_clip: Tiny, tiny_roots: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`megapairs eval --benchmark all --split paper` (docs/reproduction.md), with a tiny
+    saved model of the real architecture in place of BAAI/BGE-VL-base."""
+    from megapairs.cli import main
+
+    roots = tmp_path / "benchmarks"
+    roots.mkdir()
+    for name in ("circo", "cirr"):
+        (roots / name).symlink_to(tiny_roots / name)
+    write_fashioniq_root(roots / "fashioniq", "val")
+    write_genecis_root(roots / "genecis")
+    output = tmp_path / "results"
+    args = ["eval", "--benchmark", "all", "--retriever", "mmret-clip", "--split", "paper"]
+    args += ["--model", str(tiny_clip.path), "--data-root", str(roots), "--output", str(output)]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main([*args, "--set", "genecis.box_dilation=0"]) == 0
+    out = capsys.readouterr().out
+    assert "skipping mmeb" in out and "| MMRet-Base | CLIP-B | 34.3 |" in out
+    written = sorted(path.name for path in output.iterdir())
+    assert written == [
+        "circo-test-submission.json",
+        "circo-test.json",
+        "cirr-test1-recall-submission.json",
+        "cirr-test1-recall_subset-submission.json",
+        "cirr-test1.json",
+        "fashioniq-val.json",
+        "genecis-val.json",
+        "table.md",
+    ]
+    fashioniq = json.loads((output / "fashioniq-val.json").read_text())
+    assert "average/R@10" in fashioniq["metrics"]
+
+
+def test_each_plugin_names_its_typed_settings() -> None:
+    for plugin in BENCHMARKS.values():
+        defaults = plugin.settings()
+        assert (defaults.check_images, defaults.allow_missing) == (True, False)
+        with pytest.raises(ValueError, match=f"unknown {plugin.name} settings"):
+            plugin.load(Path(__file__).parent, plugin.default_split, {"no_such_setting": 1})

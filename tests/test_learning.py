@@ -14,12 +14,10 @@ training settings (configs/train_demo.yaml: 150 steps of 32 queries, gradient ca
 import itertools
 import random
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image, ImageDraw
 from tiny_models import Tiny
 
@@ -115,12 +113,7 @@ def recall_at_1(model_path: Path, folder: Path, combinations: list[Combination])
     return sum(hits) / len(hits)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_training_lowers_the_loss_and_raises_held_out_recall(

@@ -219,10 +219,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
     print(f"train: {result.steps} steps{resumed}, final loss {loss}")
     print(f"  model {result.final_model}; log {result.log_file}")
+    if result.best is not None:
+        best = result.best
+        print(
+            f"  best {best.benchmark} {best.split} {best.metric} {100 * best.value:.1f} "
+            f"at step {best.step}: {best.path}"
+        )
     if result.skipped_images:
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped_images.items()))
         print(f"  skipped rows: {skipped}")
     return 0
+
+
+def benchmark_names() -> list[str]:
+    """The benchmarks of the evaluation registry, in its order."""
+    from megapairs.evaluation.benchmarks import BENCHMARKS
+
+    return list(BENCHMARKS)
 
 
 def add_eval_command(commands: argparse._SubParsersAction) -> None:
@@ -245,11 +258,14 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--benchmark",
         required=True,
-        choices=["circo", "cirr", "fashioniq", "genecis", "mmeb", "all"],
+        choices=[*benchmark_names(), "all"],
+        help="a benchmark of the registry (megapairs.evaluation.benchmarks), or all",
     )
     evaluate.add_argument("--model", required=True, help="checkpoint: hub name or local folder")
     evaluate.add_argument(
         "--kind",
+        "--retriever",
+        dest="kind",
         default="mmret-clip",
         choices=["clip", "mmret-clip", "mmret-mllm"],
         help="retriever kind (clip: zero-shot score fusion of a plain CLIP)",
@@ -257,7 +273,11 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--data-root", required=True, type=Path, help="the benchmark's folder (all: their parent)"
     )
-    evaluate.add_argument("--split", help="default: val (MMEB: test)")
+    evaluate.add_argument(
+        "--split",
+        help="default: each benchmark's labelled split (val; MMEB: test); `paper`: the "
+        "splits of the paper's Table 1 (CIRCO test, CIRR test1, FashionIQ val, GeneCIS)",
+    )
     evaluate.add_argument("--output", type=Path, default=Path("results"), help="results folder")
     evaluate.add_argument(
         "--cache-dir", type=Path, default=Path("results/cache"), help="gallery embedding cache"
@@ -275,7 +295,7 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from megapairs.evaluation.evaluator import run_eval_command
+    from megapairs.evaluation.command import run_eval_command
 
     return run_eval_command(
         args.benchmark,

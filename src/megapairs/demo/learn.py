@@ -15,10 +15,10 @@ first instruction ("find a similar picture but with <target caption words the qu
 lacks>"), so what the model learned from the synthesized instructions can transfer. A seeded
 share of the scenes that have such queries is held out: their queries are evaluated, and
 they are removed from training entirely (rows where they are the query or the target are
-dropped, and they are taken out of the other rows' mined negatives). The set is written as
-a CIRCO data root (`annotations/val.json`, the COCO image-info file, images named by integer
-id) and scored by the real evaluator (`megapairs.evaluation.evaluator.evaluate`) with
-CIRCO's metrics: mAP@k over all ground truths, Recall@k on the first, mAP@10 per changed
+dropped, and they are taken out of the other rows' mined negatives). The set is built in
+memory as a CIRCO val task (`EvalTask`: gallery = every scene's image, ids = corpus record
+ids) and scored by the real evaluation engine (`megapairs.evaluation.engine.evaluate_tasks`)
+with CIRCO's metrics: mAP@k over all ground truths, Recall@k on the first, mAP@10 per changed
 attribute (CIRCO's `semantic_aspects`). The query text is the relative caption alone. The
 trained model is also scored with one fixed text for every query ("find a similar
 picture"): the difference says how much of its gain the instruction's new value brings,
@@ -31,7 +31,6 @@ CLIP's processor resizes), so a step decodes small files. Evaluation reads the o
 Layout under `<run>/learn/` (rebuilt on every call):
 
     clip-init/        the random-init checkpoint (+ demo_clip.json: how it was built)
-    heldout-circo/    the CIRCO-format data root (images hard-linked, or copied)
     train-data/       train.parquet (the exported rows without the held-out scenes)
                       and images/<n>.png (the images they use, shrunk)
     train/            the trainer's output (log.jsonl, checkpoints, final/)
@@ -72,6 +71,7 @@ from megapairs.demo.scenes import (
     read_attributes,
 )
 from megapairs.encoders.stage import loading_bars
+from megapairs.evaluation.types import Candidate, EvalQuery, EvalTask, ImageRef
 from megapairs.models.inputs import load_image
 from megapairs.runs import RunDir, write_json
 from megapairs.schemas import DATASET_DIR
@@ -79,7 +79,6 @@ from megapairs.training.data import TRIPLET_SCHEMA
 
 LEARN_DIR = "learn"
 INIT_FOLDER = "clip-init"
-CIRCO_FOLDER = "heldout-circo"
 TRAIN_DATA_FOLDER = "train-data"
 TRAIN_FOLDER = "train"
 EVAL_FOLDER = "eval"
@@ -338,12 +337,12 @@ def hold_out(
     return [query for query in queries if query.reference in held], held
 
 
-# the CIRCO data root --------------------------------------------------------------------------
+# the held-out task ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class CorpusImage:
-    """A corpus image by its integer id (the CIRCO image id) and file."""
+    """A corpus image by its integer id (the CIRCO-style image id) and file."""
 
     id: int
     path: Path
@@ -357,43 +356,30 @@ def corpus_images(run: RunDir) -> dict[str, CorpusImage]:
     return {key: CorpusImage(int(i), Path(path)) for key, i, path in rows if path}
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
-
-def write_circo_root(
-    root: Path, queries: Sequence[ComposedQuery], images: Mapping[str, CorpusImage]
-) -> Path:
-    """Write `queries` as CIRCO's val split over the gallery `images` (files hard-linked,
-    or copied, as `<12-digit id><suffix>`, listed in the COCO image-info file)."""
-    from megapairs.evaluation.loaders.circo import DEFAULTS
-
-    folder = root / DEFAULTS["image_folder"]
-    folder.mkdir(parents=True, exist_ok=True)
-    listing = []
-    for key in sorted(images, key=lambda k: images[k].id):
-        image = images[key]
-        name = f"{image.id:012d}{image.path.suffix.lower()}"
-        _link_or_copy(image.path, folder / name)
-        listing.append({"id": image.id, "file_name": name})
-    write_json(root / DEFAULTS["image_info_file"], {"images": listing})
-    entries = [
-        {
-            "id": number,
-            "reference_img_id": images[query.reference].id,
-            "target_img_id": images[query.targets[0]].id,
-            "gt_img_ids": [images[key].id for key in query.targets],
-            "relative_caption": query.relative_caption,
-            "shared_concept": query.shared_concept,
-            "semantic_aspects": [query.attribute],
-        }
+def heldout_task(
+    queries: Sequence[ComposedQuery], images: Mapping[str, CorpusImage], template: str
+) -> EvalTask:
+    """`queries` as a CIRCO val task over the gallery `images`, built as the CIRCO loader
+    builds one (reference kept in the gallery, ground truths with the target first, the
+    changed attribute as `semantic_aspects`); `template` fills the query text."""
+    gallery = tuple(
+        Candidate(str(image.id), ImageRef(image.path))
+        for image in sorted(images.values(), key=lambda image: image.id)
+    )
+    built = tuple(
+        EvalQuery(
+            id=str(number),
+            image=ImageRef(images[query.reference].path),
+            text=template.format(
+                relative_caption=query.relative_caption, shared_concept=query.shared_concept
+            ),
+            targets=tuple(str(images[key].id) for key in query.targets),
+            meta={"semantic_aspects": [query.attribute]},
+        )
         for number, query in enumerate(queries)
-    ]
-    write_json(root / DEFAULTS["annotation_file"].format(split="val"), entries)
-    return root
+    )
+    settings = {"template": template, "source": "demo --learn held-out scenes (in memory)"}
+    return EvalTask("circo", "circo/val", "val", built, gallery, settings)
 
 
 # training rows --------------------------------------------------------------------------------
@@ -473,28 +459,22 @@ def write_training_data(
 
 
 def evaluate_checkpoint(
-    checkpoint: Path,
-    data_root: Path,
-    output: Path,
-    progress: bool = False,
-    template: str = QUERY_TEMPLATE,
+    checkpoint: Path, task: EvalTask, output: Path, progress: bool = False
 ) -> dict[str, Any]:
-    """CIRCO val metrics of `checkpoint` on the data root, through the real evaluator;
-    `template` is the CIRCO loader's query-text template."""
+    """CIRCO metrics of `checkpoint` on the held-out `task`, through the real engine."""
     from megapairs.evaluation.cache import checkpoint_key
-    from megapairs.evaluation.evaluator import evaluate
+    from megapairs.evaluation.engine import evaluate_tasks
     from megapairs.models.clip import MMRetCLIP
 
     retriever = MMRetCLIP.from_pretrained(checkpoint)
-    result = evaluate(
+    result = evaluate_tasks(
         "circo",
+        [task],
         retriever,
         checkpoint_key(checkpoint),
-        data_root,
-        "val",
-        settings={"template": template},
         output=output,
         progress=progress,
+        settings=task.settings,
         model={"kind": "mmret-clip", "path": str(checkpoint)},
     )
     return result.metrics
@@ -544,7 +524,7 @@ class LearnReport:
     folder: Path
     checkpoint: Path
     trained_model: Path
-    data_root: Path
+    task: EvalTask  # the held-out set (query text: QUERY_TEMPLATE)
     parameters: int
     queries: int
     held_out_scenes: int
@@ -577,7 +557,7 @@ class Prepared:
     queries: list[ComposedQuery]
     held_out: frozenset[str]
     gallery: int
-    data_root: Path
+    images: dict[str, CorpusImage]  # the gallery: every scene's image
     rows: TrainingRows
     checkpoint: Path
 
@@ -590,17 +570,17 @@ def prepare(
     seed: int,
     settings: LearnSettings,
 ) -> Prepared:
-    """Hold out composed queries, write them as a CIRCO root and the other rows as training
-    data, and build the from-scratch CLIP, all under `folder`."""
+    """Hold out composed queries (the held-out task's), write the other rows as training
+    data, and build the from-scratch CLIP, under `folder`."""
     scenes = {key: scene for key, scene in truth.items() if key in images}
     queries, held = hold_out(composed_queries(scenes), seed, settings.held_out_share)
     if not queries:
         raise ValueError("no scene has a composed query with a matching target: too few scenes")
-    data_root = write_circo_root(folder / CIRCO_FOLDER, queries, {k: images[k] for k in scenes})
+    gallery = {key: images[key] for key in scenes}
     excluded = {images[key].id for key in held}
     rows = write_training_data(dataset, folder / TRAIN_DATA_FOLDER, excluded, settings.image_size)
     init = build_small_clip(folder / INIT_FOLDER, demo_texts(scenes, rows), seed, settings)
-    return Prepared(queries, held, len(scenes), data_root, rows, init)
+    return Prepared(queries, held, len(scenes), gallery, rows, init)
 
 
 @contextmanager
@@ -641,9 +621,11 @@ def learn(
     with loading_bars(progress), torch_threads(settings.torch_threads), timed(seconds, "total"):
         with timed(seconds, "prepare"):
             ready = prepare(dataset, images, truth, folder, seed, settings)
+            task = heldout_task(ready.queries, ready.images, QUERY_TEMPLATE)
+            ablation = heldout_task(ready.queries, ready.images, ABLATION_TEMPLATE)
         with timed(seconds, "evaluate"):
             before = evaluate_checkpoint(
-                ready.checkpoint, ready.data_root, evaluations / "untrained", progress
+                ready.checkpoint, task, evaluations / "untrained", progress
             )
         with timed(seconds, "train"):
             result = train_small_clip(
@@ -656,21 +638,15 @@ def learn(
                 settings.train_overrides,
             )
         with timed(seconds, "evaluate"):
-            after = evaluate_checkpoint(
-                result.final_model, ready.data_root, evaluations / "trained", progress
-            )
+            after = evaluate_checkpoint(result.final_model, task, evaluations / "trained", progress)
             without_value = evaluate_checkpoint(
-                result.final_model,
-                ready.data_root,
-                evaluations / "trained-without-value",
-                progress,
-                ABLATION_TEMPLATE,
+                result.final_model, ablation, evaluations / "trained-without-value", progress
             )
     return LearnReport(
         folder=folder,
         checkpoint=ready.checkpoint,
         trained_model=result.final_model,
-        data_root=ready.data_root,
+        task=task,
         parameters=parameter_count(ready.checkpoint),
         queries=len(ready.queries),
         held_out_scenes=len(ready.held_out),
@@ -716,7 +692,7 @@ def format_learn_report(report: LearnReport) -> str:
         f"learn: a small CLIP built FROM SCRATCH (random init, {report.parameters:,} "
         "parameters, tokenizer learned from the demo's texts): no pretrained CLIP installs "
         "offline, so absolute numbers are low; compare before with after",
-        f"learn: held-out composed retrieval (CIRCO metrics, {report.data_root}): "
+        "learn: held-out composed retrieval (CIRCO metrics, in memory): "
         f"{report.queries} queries on {report.held_out_scenes} held-out scenes, gallery "
         f"{report.gallery}; query text '{INSTRUCTION.format('<new value>')}'",
         f"learn: trained {report.steps} steps on {rows.kept} of {rows.total} synthesized "

@@ -1,16 +1,28 @@
 """Gallery embeddings: encoded in batches once per (retriever, checkpoint, gallery), kept on disk.
 
-An entry is keyed by the retriever's class, the model key (`checkpoint_key`: a local
-folder's path plus a digest of its files, or a hub name as given; callers append loading
-options that change the numbers, such as the dtype), the benchmark, split and task, and a
-digest of the gallery's ids, image paths, crop boxes and texts. Change any of them and
-the entry is a different one, computed afresh.
+An entry is keyed by what decides its numbers, and by nothing else (`gallery_key`):
+
+- `format`: `CACHE_FORMAT` (bumped when the layout or the image decoding changes; older
+  entries are then simply not found);
+- `retriever`: the retriever's class path;
+- `model`: the model key (`checkpoint_key`: a local folder's path plus a digest of its
+  files, or a hub name as given; callers append loading options that change the
+  numbers, such as the dtype);
+- `preprocessing`: how the retriever turns images and texts into model inputs
+  (`preprocessing_key`: its image processor's settings, image size, text length);
+- `gallery`: a digest of the items' ids, absolute image paths, crop boxes and texts, in
+  order, and `rows`, their count;
+- `files`: the file digest, each distinct image file's size and mtime (`file_digest`).
+
+The benchmark, split and task are not in the key: they are labels of the lookup
+(`CacheEvent`, and `computed_for` in `meta.json`). Splits and benchmarks that use the same
+images share one entry: CIRCO val and test, whose 123k-image gallery is one, encode it once.
 
 Layout under the cache root (every file written atomically, `meta.json` last, so an
 entry is complete exactly when its `meta.json` exists):
 
-    <root>/<benchmark>/<split>/<task>-<key digest>/
-        meta.json                       the key's parts, rows, dim, dates
+    <root>/v<format>/<retriever class>-<rows>-<key digest>/
+        meta.json                       the key, rows, dim, date, what computed it
         embeddings.npy                  float32 (N, d), unit rows, gallery order
         ids.json                        the gallery ids, same order
         partial-<rows>/chunk-00003.npy  rows [3 * rows, 4 * rows) of an unfinished entry
@@ -18,11 +30,16 @@ entry is complete exactly when its `meta.json` exists):
 Chunks are written as they finish, so an encoding killed halfway resumes from the
 chunks it completed; they are deleted once the entry is assembled.
 
-Images are decoded with `megapairs.models.inputs.load_image` (crop boxes applied, then
-padded to a square as GeneCIS does) in a thread pool, one batch ahead of the encoder.
-`find_undecodable` checks beforehand, cheaply (JPEGs decoded at 1/8 scale), which image
-files cannot be decoded, so a broken file is reported before hours of encoding; a
-failure while encoding is one error naming every undecodable file of its batch.
+Benchmark images are decoded as the benchmarks' reference loaders do,
+`Image.open(path).convert("RGB")` on the stored pixels (`open_stored_rgb`): no EXIF
+orientation is applied (the training pipeline's `models.inputs.load_image` applies it;
+crop boxes and targets were annotated on the stored pixels), and the image's metadata is
+dropped so the retriever's own input normalisation cannot rotate it later. Crop boxes
+are then applied and crops padded to a square as GeneCIS does. Decoding runs in a thread
+pool, one batch ahead of the encoder. `find_undecodable` checks beforehand, cheaply
+(JPEGs decoded at 1/8 scale), which image files cannot be decoded, so a broken file is
+reported before hours of encoding; a failure while encoding is one error naming every
+undecodable file of its batch.
 """
 
 from __future__ import annotations
@@ -35,7 +52,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,13 +62,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from megapairs.corpus.images import ImageRejected, open_rgb
 from megapairs.evaluation.types import BenchmarkDataError, Candidate, EvalTask, ImageRef
 from megapairs.models.base import Retriever
-from megapairs.models.inputs import ImageLoadError, load_image
+from megapairs.models.inputs import ImageLoadError
 from megapairs.runs import write_array, write_json
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by gallery content, not split; no EXIF rotation
 CHUNK_ROWS = 4096
 SMALL_FILE_BYTES = 1 << 20  # checkpoint files up to this size are hashed by content
 DECODE_WORKERS = min(4, os.cpu_count() or 1)
@@ -60,6 +76,8 @@ VECTORS_FILE = "embeddings.npy"
 IDS_FILE = "ids.json"
 FAILURE_EXAMPLES = 10  # undecodable files named in an error
 PROBE_SIZE = (1, 1)  # JPEGs are probed at their smallest decoding scale (1/8)
+PREPROCESSING_ATTRIBUTES = ("image_size", "max_text_length", "prompt")
+"""Retriever attributes that change its model inputs, in `preprocessing_key` when present."""
 
 Encode = Callable[[list[Image.Image] | None, list[str] | None], torch.Tensor]
 """An encoder of one batch: (images or None, texts or None) -> (B, d) tensor."""
@@ -113,15 +131,61 @@ def retriever_class(retriever: Retriever) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
+def preprocessing_key(retriever: Retriever) -> dict[str, Any]:
+    """How `retriever` turns images and texts into model inputs: its own
+    `preprocessing_key` (a string or a method giving one) when it has one; else its image
+    processor's class and settings (`image_processor`, or `processor.image_processor`,
+    `to_dict()`: resize, crop, mean and std) and its `PREPROCESSING_ATTRIBUTES` (MLLM
+    image size and prompt, text length). Empty when it exposes none of them: the class
+    and the model key then stand for it."""
+    exposed = getattr(retriever, "preprocessing_key", None)
+    if exposed is not None:
+        return {"preprocessing_key": str(exposed() if callable(exposed) else exposed)}
+    parts: dict[str, Any] = {}
+    processor = getattr(retriever, "image_processor", None) or getattr(
+        getattr(retriever, "processor", None), "image_processor", None
+    )
+    settings = getattr(processor, "to_dict", None)
+    if callable(settings):
+        kind = type(processor)
+        parts["image_processor"] = {"class": f"{kind.__module__}.{kind.__qualname__}"}
+        parts["image_processor"].update(settings())
+    for name in PREPROCESSING_ATTRIBUTES:
+        value = getattr(retriever, name, None)
+        if value is not None:
+            is_instance = is_dataclass(value) and not isinstance(value, type)
+            parts[name] = asdict(value) if is_instance else value
+    return dict(json.loads(json.dumps(parts, sort_keys=True, default=str)))
+
+
 # encoding ---------------------------------------------------------------------
 
 
+def open_stored_rgb(
+    path: str | os.PathLike[str], draft_size: tuple[int, int] | None = None
+) -> Image.Image:
+    """The stored pixels of an image file in RGB, as the benchmarks' reference loaders
+    read them (`Image.open(path).convert("RGB")`): no EXIF orientation is applied, and the
+    metadata (EXIF, XMP) is dropped so no later step applies it either. `draft_size`:
+    JPEGs are decoded at a reduced scale near it (for probing)."""
+    try:
+        with Image.open(path) as image:
+            if draft_size is not None and image.format == "JPEG":
+                image.draft("RGB", draft_size)
+            rgb = image.convert("RGB")
+    except Exception as err:  # PIL raises many types on missing or malformed files
+        raise ImageLoadError(f"cannot open image {os.fspath(path)!r}: {err}") from err
+    rgb.info = {}
+    return rgb
+
+
 def load_ref_image(ref: ImageRef, square: bool = True) -> Image.Image:
-    """The upright RGB image of `ref`, cropped to its box (clipped to the image).
+    """The stored RGB pixels of `ref` (`open_stored_rgb`), cropped to its box (clipped
+    to the image).
 
     With `square` a crop is then padded to a square with black, centred, as GeneCIS'
     reference code does (`PAD_CROP`, `expand2square`; boxes come only from GeneCIS)."""
-    image = load_image(ref.path)
+    image = open_stored_rgb(ref.path)
     if ref.box is None:
         return image
     x, y, width, height = ref.box
@@ -141,11 +205,8 @@ def probe_image(ref: ImageRef) -> None:
     are decoded at their smallest scale (every byte is still read, so truncation shows)."""
     if ref.box is not None:
         load_ref_image(ref)
-        return
-    try:
-        open_rgb(Path(ref.path).read_bytes(), draft_size=PROBE_SIZE)
-    except (OSError, ImageRejected) as err:
-        raise ImageLoadError(f"cannot open image {str(ref.path)!r}: {err}") from err
+    else:
+        open_stored_rgb(ref.path, draft_size=PROBE_SIZE)
 
 
 def find_undecodable(
@@ -292,14 +353,50 @@ def _describe(item: Item) -> str:
 
 
 def gallery_digest(items: Sequence[Candidate]) -> str:
-    """A digest of the gallery's ids, image paths, crop boxes and texts, in order."""
+    """A digest of the items' ids, absolute image paths, crop boxes and texts, in order."""
     digest = hashlib.sha256()
     for item in items:
         image = item.image
-        path = "" if image is None else os.fspath(image.path)
+        path = "" if image is None else os.path.abspath(image.path)
         box = "" if image is None or image.box is None else ",".join(map(repr, image.box))
         digest.update(f"{item.id}\t{path}\t{box}\t{item.text or ''}\n".encode())
     return digest.hexdigest()
+
+
+def file_digest(items: Sequence[Candidate]) -> str:
+    """The file digest: each distinct image file's size and mtime (`os.stat`, "missing"
+    when absent), in order of first use. A changed, replaced or retouched file changes it.
+
+    Not a content hash on purpose: for CIRCO's 123k images that would read every byte
+    (about 20 GB) before the cache could answer, where a stat costs microseconds. What it
+    misses: a file rewritten with the same size and restored mtime. A copied data root
+    (new mtimes) is encoded afresh."""
+    digest = hashlib.sha256()
+    paths = dict.fromkeys(os.path.abspath(i.image.path) for i in items if i.image is not None)
+    for path in paths:
+        digest.update(f"{path}\t{_stat_fingerprint(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _stat_fingerprint(path: str) -> str:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def gallery_key(items: Sequence[Candidate], retriever: Retriever, model_key: str) -> dict[str, Any]:
+    """What identifies the embeddings of `items` (see the module docstring)."""
+    return {
+        "format": CACHE_FORMAT,
+        "retriever": retriever_class(retriever),
+        "model": model_key,
+        "preprocessing": preprocessing_key(retriever),
+        "gallery": gallery_digest(items),
+        "rows": len(items),
+        "files": file_digest(items),
+    }
 
 
 def entry_key(
@@ -310,22 +407,16 @@ def entry_key(
     retriever: Retriever,
     model_key: str,
 ) -> dict[str, Any]:
-    """What identifies the embeddings of `items` (see the module docstring)."""
-    return {
-        "format": CACHE_FORMAT,
-        "retriever": retriever_class(retriever),
-        "model": model_key,
-        "benchmark": benchmark,
-        "split": split,
-        "task": name,
-        "gallery": gallery_digest(items),
-    }
+    """`gallery_key(items, retriever, model_key)`; `name`, `benchmark` and `split` are
+    accepted as the evaluator passes them but are not part of the key."""
+    return gallery_key(items, retriever, model_key)
 
 
 @dataclass(frozen=True)
 class CacheEvent:
     """What one lookup did: `hit` (all rows read), `computed` or `resumed` (some chunks
-    reused), with the rows encoded now and the seconds it took."""
+    reused), with the rows encoded now and the seconds it took; `name`, `benchmark` and
+    `split` label the lookup (the entry may be shared)."""
 
     name: str
     status: str
@@ -333,6 +424,8 @@ class CacheEvent:
     encoded_rows: int
     seconds: float
     path: str
+    benchmark: str = ""
+    split: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -342,6 +435,8 @@ class CacheEvent:
             "encoded_rows": self.encoded_rows,
             "seconds": round(self.seconds, 3),
             "path": self.path,
+            "benchmark": self.benchmark,
+            "split": self.split,
         }
 
 
@@ -386,31 +481,33 @@ class GalleryCache:
         items: Sequence[Candidate],
         *,
         name: str,
-        benchmark: str,
-        split: str,
+        benchmark: str = "",
+        split: str = "",
         retriever: Retriever,
         model_key: str,
         batch_size: int = 64,
         progress: bool = False,
     ) -> tuple[list[str], np.ndarray]:
         """The ids and embeddings of any candidate list (a gallery, or the distinct
-        candidates of per-query tasks), from the cache or encoded and stored."""
+        candidates of per-query tasks), from the cache or encoded and stored. `name`,
+        `benchmark` and `split` only label the lookup: the entry is `gallery_key`'s."""
         started = time.perf_counter()
-        key = entry_key(items, name, benchmark, split, retriever, model_key)
+        labels = {"name": name, "benchmark": benchmark, "split": split}
+        key = gallery_key(items, retriever, model_key)
         folder = self.entry_folder(key)
         ids = [item.id for item in items]
         cached = _read_entry(folder, ids)
         if cached is not None:
-            self._record(name, "hit", (len(ids), 0), started, folder)
+            self._record(labels, "hit", (len(ids), 0), started, folder)
             return ids, cached
         vectors, encoded = self._encode_by_chunks(items, folder, retriever, batch_size, progress)
-        _write_entry(folder, key, ids, vectors)
+        _write_entry(folder, key, ids, vectors, labels)
         status = "computed" if encoded == len(ids) else "resumed"
-        self._record(name, status, (len(ids), encoded), started, folder)
+        self._record(labels, status, (len(ids), encoded), started, folder)
         return ids, vectors
 
     def has_entry(self, key: dict[str, Any], ids: list[str]) -> bool:
-        """Whether the complete entry of `key` (`entry_key`) is stored, with these ids."""
+        """Whether the complete entry of `key` (`gallery_key`) is stored, with these ids."""
         folder = self.entry_folder(key)
         if not (folder / META_FILE).exists():
             return False
@@ -420,10 +517,11 @@ class GalleryCache:
             return False
 
     def entry_folder(self, key: dict[str, Any]) -> Path:
-        """Where the entry of `key` lives."""
+        """Where the entry of `key` lives: named by the retriever class, the row count
+        and a digest of the whole key."""
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        task = _safe(key["task"])
-        return self.root / _safe(key["benchmark"]) / _safe(key["split"]) / f"{task}-{digest}"
+        kind = _safe(str(key["retriever"]).rsplit(".", 1)[-1])
+        return self.root / f"v{key['format']}" / f"{kind}-{key['rows']}-{digest}"
 
     def _encode_by_chunks(
         self,
@@ -469,11 +567,18 @@ class GalleryCache:
         return chunks
 
     def _record(
-        self, name: str, status: str, counts: tuple[int, int], started: float, folder: Path
+        self,
+        labels: dict[str, str],
+        status: str,
+        counts: tuple[int, int],
+        started: float,
+        folder: Path,
     ) -> None:
         rows, encoded = counts
         seconds = time.perf_counter() - started
-        self.events.append(CacheEvent(name, status, rows, encoded, seconds, str(folder)))
+        name, benchmark, split = labels["name"], labels["benchmark"], labels["split"]
+        event = CacheEvent(name, status, rows, encoded, seconds, str(folder), benchmark, split)
+        self.events.append(event)
 
 
 def _chunk_name(number: int) -> str:
@@ -509,15 +614,22 @@ def _read_entry(folder: Path, ids: list[str]) -> np.ndarray | None:
     return vectors
 
 
-def _write_entry(folder: Path, key: dict[str, Any], ids: list[str], vectors: np.ndarray) -> None:
-    """Vectors and ids, then meta.json (the completion marker); then drop the chunks."""
+def _write_entry(
+    folder: Path,
+    key: dict[str, Any],
+    ids: list[str],
+    vectors: np.ndarray,
+    labels: dict[str, str],
+) -> None:
+    """Vectors and ids, then meta.json (the completion marker, with the labels of the
+    lookup that computed it); then drop the chunks."""
     write_array(folder / VECTORS_FILE, vectors)
     write_json(folder / IDS_FILE, ids)
     meta = {
         **key,
-        "rows": len(ids),
         "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "computed_for": labels,
     }
     write_json(folder / META_FILE, meta)
     for partial in folder.glob("partial-*"):

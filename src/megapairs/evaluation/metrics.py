@@ -8,7 +8,9 @@ per-candidate scores; searching is the evaluator's job. Values are fractions in
 - `k` larger than a ranking counts hits in the whole ranking; k < 1 is an error.
 - An empty ranking has no hits (every metric 0 for that query).
 - Ties inside a ranking are not the metrics' concern: the order given is the order.
-  Where scores are given (GeneCIS, MMEB) the tie rule is an argument, documented there.
+  Where scores are given (GeneCIS, MMEB) the tie rule is an argument whose default
+  reproduces the reference code's order (GeneCIS: CUDA `torch.sort`; MMEB:
+  `np.argmax`), documented there.
 - Every query needs a ranking and every ranking a query; a mismatch is an error
   naming the ids, so a partial evaluation is never reported as a whole one.
 """
@@ -16,14 +18,14 @@ per-candidate scores; searching is the evaluator's job. Values are fractions in
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 
 from megapairs.evaluation.types import EvalQuery
 
-TieRule = Literal["optimistic", "pessimistic"]
+TieRule = Literal["torch_cuda", "optimistic", "pessimistic"]
 Rankings = Mapping[str, Sequence[str]]
 
 CIRCO_KS = (5, 10, 25, 50)
@@ -32,6 +34,8 @@ CIRR_SUBSET_KS = (1, 2, 3)
 FASHIONIQ_KS = (10, 50)
 GENECIS_KS = (1, 2, 3)
 CIRCO_ASPECT_K = 10
+# Rows up to this long are sorted on CUDA by PyTorch's in-place bitonic network of this size.
+TORCH_BITONIC_SIZE = 32
 
 MMEB_META_TASKS = ("classification", "vqa", "retrieval", "grounding")
 
@@ -278,6 +282,8 @@ def fashioniq_metrics(
 def rank_of_first(scores: Sequence[float], ties: TieRule, row_id: str = "") -> int:
     """0-based rank of candidate 0 among `scores`.
 
+    `torch_cuda`: its place in `torch.sort(scores, descending=True)` run on a CUDA
+    device, as reference code that sorts on GPU ranks it (see `torch_cuda_order`).
     `optimistic`: the number of candidates scoring strictly higher (a tie goes to
     candidate 0, like `np.argmax` or a stable descending sort). `pessimistic`: the
     number of other candidates scoring higher or equal (a tie counts against it, so
@@ -293,21 +299,68 @@ def rank_of_first(scores: Sequence[float], ties: TieRule, row_id: str = "") -> i
         return int((others > values[0]).sum())
     if ties == "pessimistic":
         return int((others >= values[0]).sum())
+    if ties == "torch_cuda":
+        if (others == values[0]).any() and values.size <= TORCH_BITONIC_SIZE:
+            return torch_cuda_order(values.tolist()).index(0)
+        return int((others > values[0]).sum())  # no tie, or a stable sort (longer rows)
     raise ValueError(f"unknown tie rule {ties!r}")
+
+
+def torch_cuda_order(scores: Sequence[float]) -> list[int]:
+    """The indices `torch.sort(scores, descending=True)` returns on a CUDA device for a
+    row of at most 32 scores, ties included.
+
+    PyTorch's default (unstable) sort puts such rows through an in-place bitonic
+    network of 32 slots, the row padded with invalid entries (aten/src/ATen/native/
+    cuda/SortUtils.cuh `bitonicSortKVInPlace`, called by Sort.cu `sortKeyValueInplace`
+    for every row of 2 to 32): a step swaps equal keys whenever its direction is false,
+    so ties end in a fixed order that is not the input order. (Longer rows take other
+    kernels, stable in recent releases.) Checked against the CUDA orders reported in
+    pytorch/pytorch issues #28871 (1.3), #103909 (2.0.1) and #120874 (2.2).
+    """
+    n = len(scores)
+    if n > TORCH_BITONIC_SIZE:
+        raise ValueError(f"the bitonic network sorts at most {TORCH_BITONIC_SIZE}, got {n}")
+    keys = [float(score) for score in scores] + [0.0] * (TORCH_BITONIC_SIZE - n)
+    slots = list(range(TORCH_BITONIC_SIZE))  # slot -> original index; >= n is padding
+    for size, stride in _bitonic_steps(TORCH_BITONIC_SIZE):
+        for thread in range(TORCH_BITONIC_SIZE // 2):
+            a = 2 * thread - (thread & (stride - 1))
+            b = a + stride
+            swap = (slots[a] < n and keys[a] > keys[b]) or slots[b] >= n
+            if swap == bool(thread & (size // 2)):
+                keys[a], keys[b] = keys[b], keys[a]
+                slots[a], slots[b] = slots[b], slots[a]
+    return slots[:n]
+
+
+def _bitonic_steps(power: int) -> Iterator[tuple[int, int]]:
+    """(merge size, stride) of each step of a bitonic sort of `power` slots; in the last
+    merge (size = power) every thread's direction is false."""
+    size = 2
+    while size <= power:
+        stride = size // 2
+        while stride:
+            yield size, stride
+            stride //= 2
+        size *= 2
 
 
 def genecis_metrics(
     scores: Mapping[str, Sequence[float]],
     ks: Sequence[int] = GENECIS_KS,
-    ties: TieRule = "pessimistic",
+    ties: TieRule = "torch_cuda",
 ) -> dict[str, float]:
     """GeneCIS, one subtask: `Recall@k`, the fraction of queries whose correct
     candidate (index 0 of [target] + gallery) ranks within the top k.
 
-    Ties: the reference sorts with `torch.sort(descending=True)` on GPU, whose order
-    of equal scores is unspecified; since the correct index is always 0 here, letting
-    ties favour it would score a collapsed model (all scores equal) 100%. The default
-    counts a tie against the target (`pessimistic`, see `rank_of_first`).
+    Ties: the reference (facebookresearch/genecis eval/eval_functions.py, `validate`)
+    ranks with `_, sort_idxs = similarities.sort(dim=-1, descending=True)` on GPU and
+    counts a hit when the target rank 0 is in `sort_idxs[:, :k]`; the default
+    (`torch_cuda`) reproduces that order exactly, ties included (for rows of at most
+    32 candidates, which GeneCIS' are; see `torch_cuda_order`). Its ties are neither
+    for nor against the target: with 15 equal scores the target ranks 6th, so a
+    collapsed model scores 0. `pessimistic` and `optimistic` are the bounds.
     """
     ks = _check_ks(ks)
     if not scores:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megapairs.evaluation.benchmarks import BENCHMARKS
+
 MISSING = "\u2013"  # an en dash, as the paper prints a missing number
 
 Record = Mapping[str, Any]
@@ -36,13 +38,12 @@ class PaperRow:
     values: tuple[float, ...]
 
 
-TABLE1_COLUMNS = (
-    Column("CIRCO mAP@5", "circo", "mAP@5"),
-    Column("CIRR R@1", "cirr", "Recall@1"),
-    Column("CIRR Rs@1", "cirr", "Recall_subset@1"),
-    Column("FashionIQ R@10", "fashioniq", "average/R@10"),
-    Column("GeneCIS Rs@1", "genecis", "average/Recall@1"),
+TABLE1_COLUMNS = tuple(
+    Column(header, plugin.name, metric)
+    for plugin in BENCHMARKS.values()
+    for header, metric in plugin.table1
 )
+"""The paper's Table 1 columns, in the order of the benchmark registry."""
 
 # MegaPairs paper, Table 1 (zero-shot); see docs in ../shared/docs/benchmarks.md.
 PAPER_TABLE1 = (
@@ -84,7 +85,7 @@ def details_markdown(records: Mapping[str, Record]) -> str:
     """Every metric of every benchmark (benchmark -> record), one table per benchmark."""
     sections = []
     for benchmark, record in records.items():
-        title = f"### {benchmark} ({record.get('split', '?')})"
+        title = f"### {benchmark} ({record.get('split', '?')}{_coverage(record)})"
         metrics = record.get("metrics") or {}
         numeric = {k: v for k, v in metrics.items() if _is_number(v)}
         if not numeric:
@@ -117,6 +118,13 @@ def _value(record: Record | None, metric: str) -> str:
 def _splits_note(label: str, records: Mapping[str, Record]) -> str:
     splits = [f"{name} {record.get('split', '?')}" for name, record in records.items()]
     return f"ours: {label} evaluated on {', '.join(splits)}." if splits else ""
+
+
+def _coverage(record: Record) -> str:
+    """`, 799/800 queries` (evaluated / in the split), when the record says."""
+    counts = record.get("counts") or {}
+    evaluated, total = counts.get("queries"), counts.get("queries_in_split")
+    return f", {evaluated}/{total} queries" if evaluated is not None and total else ""
 
 
 def _is_number(value: Any) -> bool:

@@ -64,5 +64,34 @@ class EvalTask:
     settings: dict[str, Any] = field(default_factory=dict)  # templates etc., for the results
 
 
+@dataclass
+class TaskOutput:
+    """What retrieval produced for one task: `rankings` (query id -> gallery ids, best
+    first, exclusions removed) and `subset_rankings` for gallery tasks; `scores` (query id
+    -> one score per candidate, candidate 0 the correct one) for candidate tasks."""
+
+    task: EvalTask
+    rankings: dict[str, list[str]] = field(default_factory=dict)
+    subset_rankings: dict[str, list[str]] | None = None
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The task's part in its benchmark: category, subtask or dataset name."""
+        return task_label(self.task)
+
+
+def task_label(task: EvalTask) -> str:
+    """`fashioniq/dress/val` -> `dress`, `genecis/focus_object` -> `focus_object`,
+    `mmeb/ImageNet-1K` -> `ImageNet-1K` (the benchmark and split parts removed)."""
+    parts = task.name.split("/")
+    if parts and parts[0] == task.benchmark:
+        parts = parts[1:]
+    if len(parts) > 1 and parts[-1] == task.split:
+        parts = parts[:-1]
+    return "/".join(parts) or task.name
+
+
 class BenchmarkDataError(ValueError):
     """A data root or annotation file that cannot be evaluated; names the file and entry."""

@@ -25,6 +25,11 @@ checkpoint loads too: that is the zero-shot `clip` baseline. Beside the CLIP fil
 `save_pretrained` writes `mmret_clip.json` (which plain CLIP loading ignores): the task
 instruction the model was trained with, which `encode_queries` uses when given none.
 
+Preprocessing has one owner, `CLIPPreprocessor` (`MMRetCLIP.preprocessor`): the query text
+(`"{instruction} {text}"`), tokenisation and the image transform, used both by
+`encode_queries` / `encode_candidates` and by the training collator, so the two cannot drift
+apart; `preprocessing_key` names it (for caches).
+
 Images go through transformers' PIL-backed CLIP image processor
 (`CLIPImageProcessorPil` in transformers 5, the slow `CLIPImageProcessor` before):
 the torchvision backend is never used, so preprocessing is the same on every
@@ -37,6 +42,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,8 @@ from megapairs.models.common import (
     CheckpointKind,
     PathLike,
     encode_in_batches,
+    image_transform_parts,
+    preprocessing_key,
     read_settings,
     resolve_placement,
     user_items,
@@ -62,6 +71,8 @@ from megapairs.models.inputs import (
     load_images,
 )
 
+Tensors = dict[str, torch.Tensor]
+
 CLIP_CHECKPOINT = CheckpointKind(
     label="CLIP",
     model_type="clip",
@@ -74,6 +85,79 @@ CLIP_CHECKPOINT = CheckpointKind(
 )
 SETTINGS_FILE = "mmret_clip.json"
 """What `save_pretrained` writes beside the CLIP files: the task instruction."""
+QUERY_TEMPLATE = "{instruction} {text}"
+"""A query's text: the task instruction, a space, the query text (either alone without
+the other)."""
+ENCODE_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class CLIPPreprocessor:
+    """Items -> MMRet-CLIP model inputs (CPU tensors): the one path that training
+    (`CLIPCollator`) and encoding (`MMRetCLIP.encode_*`) share. Small and picklable: it
+    runs in DataLoader workers."""
+
+    image_processor: Any
+    tokenizer: Any
+    max_text_length: int
+
+    def pixels(self, images: ImagesInput) -> torch.Tensor:
+        """(N, 3, H, W) float32 `pixel_values`: images opened upright and RGB, then the
+        checkpoint's image processor (resize, centre crop, normalise)."""
+        pictures = load_images(images)
+        return self.image_processor(images=pictures, return_tensors="pt")["pixel_values"].float()
+
+    def tokens(self, texts: TextsInput) -> Tensors:
+        """`input_ids` and `attention_mask`, padded to the longest, cut at `max_text_length`."""
+        encoded = self.tokenizer(
+            as_text_list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def inputs(self, images: ImagesInput | None, texts: TextsInput | None) -> Tensors:
+        """Model inputs of images and/or texts (a candidate, or a query's final text)."""
+        batch: Tensors = {}
+        if images is not None and as_image_list(images):
+            batch["pixel_values"] = self.pixels(images)
+        if texts is not None and as_text_list(texts):
+            batch.update(self.tokens(texts))
+        return batch
+
+    def queries(
+        self, images: ImagesInput | None, texts: TextsInput | None, instruction: str | None
+    ) -> Tensors:
+        """Model inputs of queries: `inputs` of the images and `query_texts`."""
+        return self.inputs(images, query_texts(instruction, images, texts))
+
+    @property
+    def key(self) -> str:
+        """Names this preprocessing: image transform, no square padding, text length,
+        query template (+ a digest of the processor and tokenizer settings)."""
+        parts = image_transform_parts(self.image_processor)
+        parts |= {"pad": "none", "text": str(self.max_text_length), "query": QUERY_TEMPLATE}
+        tokenizer = [type(self.tokenizer).__name__, len(self.tokenizer)]
+        return preprocessing_key("clip", parts, [self.image_processor.to_dict(), tokenizer])
+
+
+def query_texts(
+    instruction: str | None, images: ImagesInput | None, texts: TextsInput | None
+) -> list[str] | None:
+    """The texts a query batch is tokenised from: `QUERY_TEMPLATE` of the (stripped)
+    instruction and each text; the instruction alone for image-only queries (they become
+    composed image + instruction items, as UniIR's instruction-following queries); the
+    texts unchanged (None for image-only) without an instruction (None or blank)."""
+    task = (instruction or "").strip()
+    if not task:
+        return None if texts is None else as_text_list(texts)
+    if texts is not None:
+        return [QUERY_TEMPLATE.format(instruction=task, text=text) for text in as_text_list(texts)]
+    if images is None:
+        raise ValueError("nothing to encode: give images, texts, or both")
+    return [task] * len(as_image_list(images))
 
 
 class MMRetCLIP(torch.nn.Module):
@@ -215,32 +299,35 @@ class MMRetCLIP(torch.nn.Module):
 
     # preprocessing -----------------------------------------------------------
 
+    @property
+    def preprocessor(self) -> CLIPPreprocessor:
+        """The preprocessing of this model (its image processor, tokenizer, text length)."""
+        return CLIPPreprocessor(self.image_processor, self.tokenizer, self.max_text_length)
+
+    @property
+    def preprocessing_key(self) -> str:
+        """A short string naming this model's preprocessing (`CLIPPreprocessor.key`)."""
+        return self.preprocessor.key
+
     def preprocess(
         self, images: ImagesInput | None = None, text: TextsInput | None = None
-    ) -> dict[str, torch.Tensor]:
+    ) -> Tensors:
         """Model inputs on the CPU: `pixel_values` for images; `input_ids` and
         `attention_mask` for texts (padded to the longest, truncated to
         `max_text_length`). Images and texts are processed independently: pairing
         them is the caller's business (see `composed_embeddings`)."""
-        batch: dict[str, torch.Tensor] = {}
-        if images is not None:
-            pictures = load_images(images)
-            if pictures:
-                pixels = self.image_processor(images=pictures, return_tensors="pt")
-                batch["pixel_values"] = pixels["pixel_values"].float()
-        if text is not None:
-            texts = as_text_list(text)
-            if texts:
-                tokens = self.tokenizer(
-                    texts,
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_text_length,
-                    return_tensors="pt",
-                )
-                batch["input_ids"] = tokens["input_ids"]
-                batch["attention_mask"] = tokens["attention_mask"]
-        return batch
+        return self.preprocessor.inputs(images, text)
+
+    def preprocess_queries(
+        self,
+        images: ImagesInput | None,
+        texts: TextsInput | None,
+        instruction: str | None = None,
+    ) -> Tensors:
+        """Model inputs of queries, as `encode_queries` builds them (`query_texts`);
+        `instruction` None is the model's `task_instruction`."""
+        task = self.task_instruction if instruction is None else instruction
+        return self.preprocessor.queries(images, texts, task)
 
     # user-facing encoding ----------------------------------------------------
 
@@ -248,7 +335,7 @@ class MMRetCLIP(torch.nn.Module):
         self,
         images: ImagesInput | None = None,
         text: TextsInput | None = None,
-        batch_size: int = 64,
+        batch_size: int = ENCODE_BATCH_SIZE,
     ) -> torch.Tensor:
         """Embed images, texts, or composed image + text items (one image per text).
 
@@ -271,11 +358,11 @@ class MMRetCLIP(torch.nn.Module):
         which then become composed (image, instruction) items, as in UniIR's
         instruction-following queries. `instruction` None is the model's
         `task_instruction`; without any ("" or neither) this is `encode`."""
-        if instruction is None:
-            instruction = self.task_instruction
-        if instruction and instruction.strip():
-            texts = _with_instruction(instruction.strip(), images, texts)
-        return self.encode(images, texts)
+        image_list, text_list, count = user_items(images, texts)
+        task = self.task_instruction if instruction is None else instruction
+        encode = partial(self._encode_query_batch, task)
+        columns = (image_list, text_list)
+        return encode_in_batches(self, encode, columns, count, ENCODE_BATCH_SIZE, self.dim)
 
     def encode_candidates(
         self, images: ImagesInput | None, texts: TextsInput | None
@@ -286,7 +373,12 @@ class MMRetCLIP(torch.nn.Module):
     def _encode_batch(
         self, images: list[ImageInput] | None, texts: list[str] | None
     ) -> torch.Tensor:
-        inputs = self.preprocess(images, texts)
+        return self.forward(**self.preprocess(images, texts)).float().cpu()
+
+    def _encode_query_batch(
+        self, instruction: str | None, images: list[ImageInput] | None, texts: list[str] | None
+    ) -> torch.Tensor:
+        inputs = self.preprocessor.queries(images, texts, instruction)
         return self.forward(**inputs).float().cpu()
 
 
@@ -335,13 +427,3 @@ def _pooled(output: Any) -> torch.Tensor:
 
 def _unit_rows(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float(), dim=-1)
-
-
-def _with_instruction(
-    instruction: str, images: ImagesInput | None, texts: TextsInput | None
-) -> list[str]:
-    if texts is not None:
-        return [f"{instruction} {text}" for text in as_text_list(texts)]
-    if images is None:
-        raise ValueError("nothing to encode: give images, texts, or both")
-    return [instruction] * len(as_image_list(images))

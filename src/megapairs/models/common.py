@@ -6,15 +6,18 @@
   loaded with every weight present, and load errors that say what to do;
 - `user_items` and `encode_in_batches`: user inputs as checked lists, embedded batch
   by batch without gradients in eval mode (`eval_mode`, `slice_or_none`);
-- `read_settings`: the small JSON file a retriever saves beside its weights.
+- `read_settings`: the small JSON file a retriever saves beside its weights;
+- `preprocessing_key` and `image_transform_parts`: a short string naming everything that
+  turns a user's item into model inputs (each retriever's `preprocessing_key`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -186,3 +189,41 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         module.train(was_training)
+
+
+# preprocessing keys -----------------------------------------------------------
+
+
+def preprocessing_key(kind: str, parts: Mapping[str, object], details: object = None) -> str:
+    """`kind;name=value;...` from `parts` (the settings people read), then `#` and a short
+    digest of `details` (everything else that preprocessing reads, JSON-serialisable)."""
+    fields = ";".join(f"{name}={value}" for name, value in parts.items())
+    blob = json.dumps(details, sort_keys=True, default=str).encode()
+    return f"{kind};{fields}#{hashlib.sha256(blob).hexdigest()[:10]}"
+
+
+def image_transform_parts(image_processor: Any) -> dict[str, str]:
+    """A transformers image processor's resize, crop and normalisation, as short strings."""
+    config = image_processor.to_dict()
+    parts = {"resize": _size(config.get("size")) if config.get("do_resize", True) else "no"}
+    if config.get("do_center_crop"):
+        parts["crop"] = _size(config.get("crop_size"))
+    if config.get("do_normalize", True):
+        mean, std = (_numbers(config.get(key)) for key in ("image_mean", "image_std"))
+        parts["norm"] = f"{mean}/{std}"
+    else:
+        parts["norm"] = "no"
+    return parts
+
+
+def _size(size: object) -> str:
+    if isinstance(size, Mapping):
+        if "height" in size and "width" in size:
+            return f"{size['height']}x{size['width']}"
+        return ",".join(f"{key}:{value}" for key, value in sorted(size.items()))
+    return str(size)
+
+
+def _numbers(values: object) -> str:
+    items = values if isinstance(values, list | tuple) else [values]
+    return ",".join(f"{float(v):.4g}" for v in items)  # type: ignore[arg-type]

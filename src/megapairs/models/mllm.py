@@ -42,6 +42,10 @@ LLaVA-NeXT checkpoint instead. `from_pretrained` on an adapter folder loads the 
 then the adapter, kept as trainable adapters (`lora=True`) or merged into the base
 weights for inference (`lora=False`, the default).
 
+Preprocessing has one owner, `MLLMPreprocessor` (`MMRetMLLM.preprocessor`): prompt strings,
+fixed-size images and the processor call, used both by `encode_*` and by the training
+collator; `preprocessing_key` names it (for caches).
+
 Images go through transformers' PIL-backed LLaVA-NeXT image processor
 (`LlavaNextImageProcessorPil`), never the torchvision one, which `AutoProcessor` would
 pick wherever torchvision is installed.
@@ -66,6 +70,8 @@ from megapairs.models.common import (
     CheckpointKind,
     PathLike,
     encode_in_batches,
+    image_transform_parts,
+    preprocessing_key,
     read_settings,
     resolve_placement,
     user_items,
@@ -80,6 +86,7 @@ from megapairs.models.inputs import (
 )
 
 Instructions = str | Sequence[str]
+Tensors = dict[str, torch.Tensor]
 
 DEFAULT_IMAGE_SIZE = 512
 """The paper's fixed image resolution (Appendix B)."""
@@ -96,6 +103,12 @@ LANGUAGE_LORA_MODULES = (
     "up_proj",
     "down_proj",
 )
+PROCESSOR_KEY_FIELDS = (
+    "patch_size",
+    "vision_feature_select_strategy",
+    "num_additional_image_tokens",
+)
+"""Processor settings that decide how many image tokens an image expands to."""
 LLAVA_NEXT_CHECKPOINT = CheckpointKind(
     label="LLaVA-NeXT",
     model_type="llava_next",
@@ -187,6 +200,100 @@ class LoraSettings:
             target_modules=self.target_modules(config),
             bias="none",
         )
+
+
+@dataclass(frozen=True)
+class MLLMPreprocessor:
+    """Items -> MMRet-MLLM model inputs (CPU tensors): the one path that training (the
+    collator) and encoding (`MMRetMLLM.encode_*`) share. It holds the processor, not the
+    model, so DataLoader workers can run it (and pickle it under `spawn`)."""
+
+    processor: Any
+    image_size: int
+    prompt: PromptFormat
+    eos_token: str
+    image_token: str
+
+    def query_texts(
+        self, count: int, texts: list[str] | None, has_images: bool, instruction: Instructions
+    ) -> list[str]:
+        """The strings the tokenizer reads for `count` queries (EOS included)."""
+        image = self.image_token if has_images else ""
+        return [
+            self.prompt.render_query(task, _text_at(texts, i), image) + self.eos_token
+            for i, task in enumerate(_instruction_list(instruction, count))
+        ]
+
+    def candidate_texts(self, count: int, texts: list[str] | None, has_images: bool) -> list[str]:
+        """The strings the tokenizer reads for `count` candidates (EOS included)."""
+        image = self.image_token if has_images else ""
+        return [
+            self.prompt.render_candidate(_text_at(texts, i), image) + self.eos_token
+            for i in range(count)
+        ]
+
+    def queries(
+        self, images: ImagesInput | None, texts: TextsInput | None, instruction: Instructions
+    ) -> Tensors:
+        """Model inputs of queries; `instruction` is one for all or one per query."""
+        pictures, text_list, count = self._inputs(images, texts)
+        prompts = self.query_texts(count, text_list, pictures is not None, instruction)
+        return self._tokenise(prompts, pictures)
+
+    def candidates(self, images: ImagesInput | None, texts: TextsInput | None) -> Tensors:
+        """Model inputs of candidates: no instruction."""
+        pictures, text_list, count = self._inputs(images, texts)
+        return self._tokenise(
+            self.candidate_texts(count, text_list, pictures is not None), pictures
+        )
+
+    def fixed_size(self, image: Image.Image) -> Image.Image:
+        """`image` resized to `image_size` x `image_size` (bicubic)."""
+        size = (self.image_size, self.image_size)
+        return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
+
+    @property
+    def key(self) -> str:
+        """Names this preprocessing: fixed size, the processor's transform, no square
+        padding, no text limit, prompt templates (+ a digest of processor settings)."""
+        image_processor = self.processor.image_processor
+        parts = {"fixed": f"{self.image_size}x{self.image_size}/bicubic"}
+        parts |= image_transform_parts(image_processor)
+        parts |= {
+            "pad": "none",
+            "text": "all",
+            "query": self.prompt.query + self.eos_token,
+            "candidate": self.prompt.candidate + self.eos_token,
+        }
+        tokenizer = self.processor.tokenizer
+        details = [
+            image_processor.to_dict(),
+            [type(tokenizer).__name__, len(tokenizer), tokenizer.padding_side],
+            {k: getattr(self.processor, k, None) for k in PROCESSOR_KEY_FIELDS},
+        ]
+        return preprocessing_key("llava-next", parts, details)
+
+    def _inputs(
+        self, images: ImagesInput | None, texts: TextsInput | None
+    ) -> tuple[list[Image.Image] | None, list[str] | None, int]:
+        pictures = None if images is None else [self.fixed_size(i) for i in load_images(images)]
+        text_list = None if texts is None else as_text_list(texts)
+        check_batch_lengths(pictures, text_list)
+        count = len(pictures) if pictures is not None else len(text_list or [])
+        if count == 0:
+            raise ValueError("nothing to preprocess: give at least one image or text")
+        for position, text in enumerate(text_list or []):
+            if self.image_token in text:
+                raise ValueError(f"text {position} contains the image token {self.image_token!r}")
+        return pictures, text_list, count
+
+    def _tokenise(self, prompts: list[str], pictures: list[Image.Image] | None) -> Tensors:
+        encoded = self.processor(text=prompts, images=pictures, padding=True, return_tensors="pt")
+        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        if pictures is not None:
+            batch["pixel_values"] = encoded["pixel_values"].float()
+            batch["image_sizes"] = encoded["image_sizes"]
+        return batch
 
 
 class MMRetMLLM(torch.nn.Module):
@@ -338,73 +445,48 @@ class MMRetMLLM(torch.nn.Module):
 
     # preprocessing -----------------------------------------------------------
 
+    @property
+    def preprocessor(self) -> MLLMPreprocessor:
+        """The preprocessing of this model (processor, image size, prompt format)."""
+        return MLLMPreprocessor(
+            self.processor, self.image_size, self.prompt, self.eos_token, self.image_token
+        )
+
+    @property
+    def preprocessing_key(self) -> str:
+        """A short string naming this model's preprocessing (`MLLMPreprocessor.key`)."""
+        return self.preprocessor.key
+
     def query_texts(
         self, count: int, texts: list[str] | None, has_images: bool, instruction: Instructions
     ) -> list[str]:
         """The strings the tokenizer reads for `count` queries (EOS included)."""
-        image = self.image_token if has_images else ""
-        return [
-            self.prompt.render_query(task, _text_at(texts, i), image) + self.eos_token
-            for i, task in enumerate(_instruction_list(instruction, count))
-        ]
+        return self.preprocessor.query_texts(count, texts, has_images, instruction)
 
     def candidate_texts(self, count: int, texts: list[str] | None, has_images: bool) -> list[str]:
         """The strings the tokenizer reads for `count` candidates (EOS included)."""
-        image = self.image_token if has_images else ""
-        return [
-            self.prompt.render_candidate(_text_at(texts, i), image) + self.eos_token
-            for i in range(count)
-        ]
+        return self.preprocessor.candidate_texts(count, texts, has_images)
 
     def preprocess_queries(
         self,
         images: ImagesInput | None,
         texts: TextsInput | None,
         instruction: Instructions | None = None,
-    ) -> dict[str, torch.Tensor]:
+    ) -> Tensors:
         """Model inputs (CPU tensors) for queries; `instruction` is one task instruction for
-        all, or one per query (None: empty)."""
-        pictures, text_list, count = self._inputs(images, texts)
-        prompts = self.query_texts(count, text_list, pictures is not None, instruction or "")
-        return self._tokenise(prompts, pictures)
+        all, or one per query (None: the model's `task_instruction`, else empty)."""
+        task = (self.task_instruction or "") if instruction is None else instruction
+        return self.preprocessor.queries(images, texts, task)
 
     def preprocess_candidates(
         self, images: ImagesInput | None, texts: TextsInput | None
-    ) -> dict[str, torch.Tensor]:
+    ) -> Tensors:
         """Model inputs (CPU tensors) for candidates: no instruction."""
-        pictures, text_list, count = self._inputs(images, texts)
-        return self._tokenise(
-            self.candidate_texts(count, text_list, pictures is not None), pictures
-        )
+        return self.preprocessor.candidates(images, texts)
 
     def fixed_size(self, image: Image.Image) -> Image.Image:
         """`image` resized to `image_size` x `image_size` (bicubic)."""
-        size = (self.image_size, self.image_size)
-        return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
-
-    def _inputs(
-        self, images: ImagesInput | None, texts: TextsInput | None
-    ) -> tuple[list[Image.Image] | None, list[str] | None, int]:
-        pictures = None if images is None else [self.fixed_size(i) for i in load_images(images)]
-        text_list = None if texts is None else as_text_list(texts)
-        check_batch_lengths(pictures, text_list)
-        count = len(pictures) if pictures is not None else len(text_list or [])
-        if count == 0:
-            raise ValueError("nothing to preprocess: give at least one image or text")
-        for position, text in enumerate(text_list or []):
-            if self.image_token in text:
-                raise ValueError(f"text {position} contains the image token {self.image_token!r}")
-        return pictures, text_list, count
-
-    def _tokenise(
-        self, prompts: list[str], pictures: list[Image.Image] | None
-    ) -> dict[str, torch.Tensor]:
-        encoded = self.processor(text=prompts, images=pictures, padding=True, return_tensors="pt")
-        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-        if pictures is not None:
-            batch["pixel_values"] = encoded["pixel_values"].float()
-            batch["image_sizes"] = encoded["image_sizes"]
-        return batch
+        return self.preprocessor.fixed_size(image)
 
     # user-facing encoding ----------------------------------------------------
 

@@ -4,20 +4,22 @@ An adapter loads the model (`from_pretrained`, a hub name or a local folder, als
 checkpoint the trainer saved), turns loaded samples into tensors, and embeds them with
 gradients:
 
-- `collator` is a picklable function, run in DataLoader workers, that turns a list of
+- `collator` is a picklable callable, run in DataLoader workers, that turns a list of
   `TrainSample`s (decoded images, one instruction each) into a `TrainBatch`: `queries` and
   `candidates`, mappings of tensors with one leading row per query resp. per candidate,
   the candidates grouped per query as [positive, m negatives] (`InfoNCELoss.grouped`), so
   both can be split into chunks with `gradcache.chunk_inputs`;
 - `embed_queries(inputs)` / `embed_candidates(inputs)` are differentiable (B, d) unit rows.
 
-MMRet-CLIP (score fusion): a query is composed(image, instruction) and a candidate is an
-image. MMRet-MLLM: a query is `<instruct>{task instruction} <query>{instruction}<image>` +
-EOS and a candidate `<image>` + EOS (`MMRetMLLM.preprocess_queries` / `_candidates`), the
-sampled instruction standing as the query text. `model.task_instruction` is the MLLM's
-task instruction; for CLIP, when set, it is put before each instruction, as
-`MMRetCLIP.encode_queries` does at search time. Either model keeps it as its
-`task_instruction` (saved with it, and the default of its `encode_queries`).
+Both collators hold the model's own preprocessor (`model.preprocessor`: `CLIPPreprocessor`,
+`MLLMPreprocessor`), the very code its `encode_queries` / `encode_candidates` run at search
+time, so a training query and the same query at evaluation get identical model inputs; the
+sampled instruction stands as the query text and `settings.task_instruction` as the task
+instruction. MMRet-CLIP (score fusion): a query is composed(image, "{task} {instruction}")
+and a candidate is an image. MMRet-MLLM: a query is
+`<instruct>{task} <query>{instruction}<image>` + EOS and a candidate `<image>` + EOS.
+Either model keeps the task instruction as its `task_instruction` (saved with it, and the
+default of its `encode_queries`).
 
 `ContrastiveModule` wraps an adapter as the one `nn.Module` that accelerate prepares (DDP,
 autocast): its forward embeds queries and/or candidates, so a plain step is one forward
@@ -29,9 +31,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -39,6 +40,10 @@ from torch import nn
 from megapairs.registry import Registry
 from megapairs.training.config import ModelSettings
 from megapairs.training.data import TrainSample
+
+if TYPE_CHECKING:
+    from megapairs.models.clip import CLIPPreprocessor
+    from megapairs.models.mllm import MLLMPreprocessor
 
 Tensors = dict[str, torch.Tensor]
 
@@ -157,33 +162,19 @@ class ContrastiveModule(nn.Module):
 
 @dataclass(frozen=True)
 class CLIPCollator:
-    """Samples -> MMRet-CLIP inputs: the checkpoint's image processor over every image of
-    the batch, its tokenizer over the instructions (`task_instruction` put before each)."""
+    """Samples -> MMRet-CLIP inputs through the model's `CLIPPreprocessor`: queries as
+    `encode_queries` builds them (`task_instruction` before each instruction), candidates as
+    `encode_candidates` does."""
 
-    image_processor: Any
-    tokenizer: Any
-    max_text_length: int
+    preprocessor: CLIPPreprocessor
     task_instruction: str = ""
 
     def __call__(self, samples: list[TrainSample]) -> TrainBatch:
-        task = self.task_instruction.strip()
-        texts = [f"{task} {s.instruction}" if task else s.instruction for s in samples]
-        tokens = self.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_text_length,
-            return_tensors="pt",
-        )
-        images = [s.query_image for s in samples] + [c for s in samples for c in s.candidates]
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+        images = [s.query_image for s in samples]
+        instructions = [s.instruction for s in samples]
         return TrainBatch(
-            queries={
-                "pixel_values": pixels[: len(samples)],
-                "input_ids": tokens["input_ids"],
-                "attention_mask": tokens["attention_mask"],
-            },
-            candidates={"pixel_values": pixels[len(samples) :]},
+            queries=self.preprocessor.queries(images, instructions, self.task_instruction),
+            candidates=self.preprocessor.inputs([c for s in samples for c in s.candidates], None),
         )
 
 
@@ -212,12 +203,7 @@ class CLIPAdapter(TrainingAdapter):
     @property
     def collator(self) -> CLIPCollator:
         model: Any = self.model
-        return CLIPCollator(
-            model.image_processor,
-            model.tokenizer,
-            model.max_text_length,
-            self.settings.task_instruction,
-        )
+        return CLIPCollator(model.preprocessor, self.settings.task_instruction)
 
     def embed_queries(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.model.composed_embeddings(  # type: ignore[operator]
@@ -242,14 +228,22 @@ def _check_clip_image_size(model: Any, image_size: int | None) -> None:
 # MMRet-MLLM ---------------------------------------------------------------------------------
 
 
-def mllm_batch(model: Any, task_instruction: str, samples: list[TrainSample]) -> TrainBatch:
-    """Samples -> MMRet-MLLM inputs through `MMRetMLLM.preprocess_queries` / `_candidates`
-    (fixed-size images, left-padded tokens); the instruction is the query text."""
-    queries = model.preprocess_queries(
-        [s.query_image for s in samples], [s.instruction for s in samples], task_instruction
-    )
-    candidates = model.preprocess_candidates([c for s in samples for c in s.candidates], None)
-    return TrainBatch(queries, candidates)
+@dataclass(frozen=True)
+class MLLMCollator:
+    """Samples -> MMRet-MLLM inputs through the model's `MLLMPreprocessor` (fixed-size
+    images, left-padded tokens): the instruction is the query text."""
+
+    preprocessor: MLLMPreprocessor
+    task_instruction: str = ""
+
+    def __call__(self, samples: list[TrainSample]) -> TrainBatch:
+        queries = self.preprocessor.queries(
+            [s.query_image for s in samples],
+            [s.instruction for s in samples],
+            self.task_instruction,
+        )
+        candidates = self.preprocessor.candidates([c for s in samples for c in s.candidates], None)
+        return TrainBatch(queries, candidates)
 
 
 @ADAPTERS.register("mmret-mllm")
@@ -257,9 +251,7 @@ class MLLMAdapter(TrainingAdapter):
     """MMRet-MLLM: LLaVA-NeXT with LoRA; the final token's normalised last hidden state.
 
     Only the LoRA weights train. The model's embedding does not depend on padding, so
-    chunking a left-padded batch for gradient caching changes nothing. `collator` holds the
-    model for its preprocessing methods: DataLoader workers are forked (the Linux default),
-    which shares it without copying (under `spawn` it would be pickled: use num_workers 0)."""
+    chunking a left-padded batch for gradient caching changes nothing."""
 
     kind = "mmret-mllm"
 
@@ -278,8 +270,9 @@ class MLLMAdapter(TrainingAdapter):
         return cls(model, settings)
 
     @property
-    def collator(self) -> Callable[[list[TrainSample]], TrainBatch]:
-        return partial(mllm_batch, self.model, self.settings.task_instruction)
+    def collator(self) -> MLLMCollator:
+        model: Any = self.model
+        return MLLMCollator(model.preprocessor, self.settings.task_instruction)
 
     @property
     def reserved_tokens(self) -> tuple[str, ...]:

@@ -21,10 +21,19 @@ ModelKind = Literal["mmret-clip", "mmret-mllm"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
 RESUMABLE_CHANGES = frozenset(
-    {"output_dir", "save_every", "log_every", "keep_checkpoints", "num_workers", "chunk_size"}
+    {
+        "output_dir",
+        "save_every",
+        "log_every",
+        "keep_checkpoints",
+        "num_workers",
+        "chunk_size",
+        "eval",
+    }
 )
 """Top-level settings that may differ when a run resumes: they change how a run is
-carried out or recorded, not its losses (gradient caching equals the plain step)."""
+carried out or recorded, not its losses (gradient caching equals the plain step; an
+evaluation leaves the random generators and the weights as it found them)."""
 
 
 class LoraOptions(Section):
@@ -84,6 +93,21 @@ class OptimSettings(Section):
     max_grad_norm: float = Field(0.0, ge=0.0)  # 0: no clipping
 
 
+class EvalSettings(Section):
+    """Evaluation during training (`megapairs.training.periodic_eval`): every `every` steps
+    and at the last step the model is evaluated on `benchmark`'s `split` read from
+    `data_root`; `metric` (higher is better) picks the model kept in `best/`. Benchmark,
+    split and data root are checked before training, the metric at the first evaluation."""
+
+    benchmark: str  # circo, cirr, fashioniq, genecis or mmeb
+    data_root: str
+    split: str | None = None  # None: the benchmark's default (labelled) split
+    every: int = Field(1000, ge=1)
+    metric: str | None = None  # None: the benchmark's primary metric (circo: mAP@5, ...)
+    settings: dict[str, Any] = Field(default_factory=dict)  # the benchmark loader's settings
+    batch_size: int = Field(64, ge=1)
+
+
 class TrainConfig(Section):
     """One contrastive training run of an MMRet retriever."""
 
@@ -101,6 +125,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=0)  # 0: keep all
     seed: int = 0  # model-side randomness (dropout); data has its own seed
     num_workers: int = Field(4, ge=0)
+    eval: EvalSettings | None = None  # None: no evaluation during training
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -25,6 +25,8 @@ Output folder:
         data-<rank>.json      each process's stream position and skip counts
         trainer_state.json    step, world size, last loss, the whole config
     final/                    the trained model (save_pretrained)
+    best/                     with `eval` set: the model of the best evaluation so far
+                              (see `periodic_eval`; its lines in log.jsonl carry `eval`)
 
 A checkpoint is written into `.checkpoint-<step>.tmp/` and renamed when complete, so a
 `checkpoint-<step>/` folder is always whole; the newest `keep_checkpoints` are kept. Running
@@ -71,6 +73,7 @@ from megapairs.training.data import (
 )
 from megapairs.training.gradcache import chunk_inputs, gradcache_step
 from megapairs.training.losses import InfoNCELoss
+from megapairs.training.periodic_eval import BEST_FOLDER, BestModel, PeriodicEval
 
 LOG_FILE = "log.jsonl"
 FINAL_FOLDER = "final"
@@ -93,6 +96,8 @@ class TrainResult:
     checkpoints: list[Path]
     skipped_images: dict[str, int]
     resumed_from: int | None = None
+    best: BestModel | None = None  # with `eval`: the best evaluation so far (`best/`)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # this call's, main process
 
 
 def train(config: TrainConfig, progress: bool = True) -> TrainResult:
@@ -126,6 +131,8 @@ def _train(config: TrainConfig, accelerator: Any, output: Path, progress: bool) 
         checkpoints=list_checkpoints(output),
         skipped_images=run.skipped_totals(),
         resumed_from=start if resume else None,
+        best=run.shared_best(),
+        evaluations=run.evaluations,
     )
 
 
@@ -162,6 +169,7 @@ class _TrainingRun:
         optimizer: Any,
         scheduler: Any,
         batches: BatchStream,
+        evaluator: PeriodicEval | None = None,
     ) -> None:
         self.config = config
         self.accelerator = accelerator
@@ -173,6 +181,8 @@ class _TrainingRun:
         self.loss = InfoNCELoss(config.temperature)
         self.output = Path(config.output_dir)
         self.lr = config.optim.lr  # the learning rate of the latest step
+        self.evaluator = evaluator
+        self.evaluations: list[dict[str, Any]] = []
 
     @classmethod
     def build(cls, config: TrainConfig, accelerator: Any, resume: Path | None) -> _TrainingRun:
@@ -180,6 +190,9 @@ class _TrainingRun:
         from transformers import get_linear_schedule_with_warmup
 
         set_seed(config.seed, device_specific=True)
+        evaluator = periodic_eval(config)
+        if evaluator is not None:
+            evaluator.check()  # a wrong data root fails now, not after the first steps
         source = str(resume / "model") if resume else None
         adapter = build_adapter(config.model, source, device=accelerator.device)
         batches = _batch_stream(config, adapter, accelerator)
@@ -194,7 +207,7 @@ class _TrainingRun:
             optimizer, config.optim.warmup_steps, config.steps
         )
         module, optimizer = accelerator.prepare(ContrastiveModule(adapter), optimizer)
-        return cls(config, accelerator, adapter, module, optimizer, scheduler, batches)
+        return cls(config, accelerator, adapter, module, optimizer, scheduler, batches, evaluator)
 
     # the loop ---------------------------------------------------------------------------------
 
@@ -216,6 +229,8 @@ class _TrainingRun:
             if step % config.log_every == 0 or step == config.steps:
                 self.log(step, window)
                 window = _Window()
+            if self.evaluator is not None and self.evaluator.due(step):
+                self.evaluate(step)
             if step % config.save_every == 0 or step == config.steps:
                 self.save_checkpoint(step, loss)
         bar.close()
@@ -262,11 +277,35 @@ class _TrainingRun:
             "skipped_images": skipped,
             "time": now_iso(),
         }
-        with (self.output / LOG_FILE).open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_log(self.output / LOG_FILE, record)
         scalars = {k: record[k] for k in ("loss", "lr", "queries_per_s", "peak_memory_mb")}
         scalars["skipped_images"] = sum(skipped.values())
         accelerator.log(scalars, step=step)
+
+    def evaluate(self, step: int) -> None:
+        """Evaluate the model (main process; generator states kept), log it, and save it to
+        `best/` when it is the best so far."""
+        evaluator, accelerator = self.evaluator, self.accelerator
+        if evaluator is not None and accelerator.is_main_process:
+            states = rng_states()
+            try:
+                record = evaluator.run(self.adapter.model, step)
+            finally:
+                set_rng_states(states)
+            self.evaluations.append(record)
+            append_log(self.output / LOG_FILE, record)
+            accelerator.log({f"eval/{record['eval']}/{record['metric']}": record["value"]}, step)
+            if record["improved"] and evaluator.best is not None:
+                self._save_model(BEST_FOLDER, {"step": step, "best": evaluator.best.as_dict()})
+        accelerator.wait_for_everyone()
+
+    def shared_best(self) -> BestModel | None:
+        """The main process's best evaluation, on every process."""
+        from accelerate.utils import broadcast_object_list
+
+        if self.evaluator is None:
+            return None
+        return broadcast_object_list([self.evaluator.best])[0]
 
     def skipped_totals(self) -> dict[str, int]:
         """Skipped rows by reason, summed over all processes (a collective call)."""
@@ -325,6 +364,8 @@ class _TrainingRun:
         rank = self.accelerator.process_index
         self.batches.load_state_dict(json.loads((checkpoint / f"data-{rank}.json").read_text()))
         set_rng_states(torch.load(checkpoint / f"rng-{rank}.pt"))
+        if self.evaluator is not None:
+            self.evaluator.resume(_saved_record(self.output / BEST_FOLDER).get("best"))
 
     def _restore_scaler(self, path: Path) -> None:
         scaler = self.accelerator.scaler
@@ -336,17 +377,22 @@ class _TrainingRun:
 
     def save_final(self) -> Path:
         """The trained model in `final/` (written beside, then renamed over an old one)."""
-        final = self.output / FINAL_FOLDER
         if self.accelerator.is_main_process:
-            staging = self.output / f".{FINAL_FOLDER}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            self.adapter.save(staging)
-            record = {"steps": self.config.steps, "config": self.config.model_dump(mode="json")}
-            write_json(staging / TRAINING_RECORD, record)
-            shutil.rmtree(final, ignore_errors=True)
-            staging.rename(final)
+            self._save_model(FINAL_FOLDER, {"steps": self.config.steps})
         self.accelerator.wait_for_everyone()
-        return final
+        return self.output / FINAL_FOLDER
+
+    def _save_model(self, name: str, record: dict[str, Any]) -> Path:
+        """The model in `<output>/<name>/` with `record` (+ the config) as its training
+        record, written beside and renamed over an old one (main process only)."""
+        folder, staging = self.output / name, self.output / f".{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.adapter.save(staging)
+        record = {**record, "config": self.config.model_dump(mode="json")}
+        write_json(staging / TRAINING_RECORD, record)
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+        return folder
 
 
 # one step -----------------------------------------------------------------------------------
@@ -441,6 +487,19 @@ def _batch_stream(config: TrainConfig, adapter: TrainingAdapter, accelerator: An
     return BatchStream(batches, num_workers=config.num_workers, pin_memory=pin)
 
 
+def periodic_eval(config: TrainConfig) -> PeriodicEval | None:
+    """The evaluation during training that `config.eval` asks for, or None."""
+    if config.eval is None:
+        return None
+    return PeriodicEval(config.eval, config.steps, Path(config.output_dir))
+
+
+def append_log(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line more in the training log."""
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     """The process's peak memory so far: CUDA max allocated on a GPU, else CPU max RSS."""
     if device.type == "cuda":
@@ -499,6 +558,12 @@ def _saved_loss(checkpoint: Path | None) -> float | None:
         return None
     loss = json.loads((checkpoint / STATE_FILE).read_text()).get("loss")
     return None if loss is None else float(loss)
+
+
+def _saved_record(folder: Path) -> dict[str, Any]:
+    """The training record of a saved model folder ({} without one)."""
+    path = folder / TRAINING_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def truncate_log(path: Path, step: int) -> None:

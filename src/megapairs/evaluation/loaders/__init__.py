@@ -16,7 +16,8 @@ Settings every loader takes:
   retriever's own default applies (MMRet models use the one they were trained with).
 
 The benchmarks' layouts and settings are described in their modules: `circo`,
-`cirr`, `fashioniq`, `genecis`, `mmeb`.
+`cirr`, `fashioniq`, `genecis`, `mmeb`. Their splits, default splits, metrics and
+submissions are in the benchmark plug-ins (`megapairs.evaluation.benchmarks`).
 """
 
 from __future__ import annotations
@@ -25,26 +26,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from megapairs.evaluation.loaders import circo, cirr, fashioniq, genecis, mmeb
+from megapairs.evaluation.loaders import circo, cirr, fashioniq, genecis, mmeb  # noqa: F401
 from megapairs.evaluation.loaders.base import LOADERS, Loader
 from megapairs.evaluation.types import BenchmarkDataError, EvalTask
-
-DEFAULT_SPLITS: dict[str, str] = {
-    "circo": "val",
-    "cirr": "val",
-    "fashioniq": "val",
-    "genecis": "val",
-    "mmeb": "test",
-}
-"""The split each benchmark is evaluated on by default (the labelled one)."""
-
-SPLITS: dict[str, tuple[str, ...]] = {
-    "circo": circo.SPLITS,
-    "cirr": cirr.SPLITS,
-    "fashioniq": fashioniq.SPLITS,
-    "genecis": genecis.SPLITS,
-    "mmeb": mmeb.SPLITS,
-}
 
 
 def load_benchmark(

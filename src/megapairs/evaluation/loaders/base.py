@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from megapairs.evaluation.types import BenchmarkDataError, Candidate, EvalQuery, EvalTask, ImageRef
 from megapairs.registry import Registry
 
@@ -22,32 +24,42 @@ Loader = Callable[[Path, str, Mapping[str, Any]], list[EvalTask]]
 LOADERS: Registry[list[EvalTask]] = Registry("benchmark loader")
 """Benchmark name -> loader(data_root: Path, split: str, settings: Mapping) -> list[EvalTask]."""
 
-COMMON_DEFAULTS: dict[str, Any] = {
+
+class LoaderSettings(BaseModel):
+    """The settings every loader takes; each benchmark's `Settings` adds its own. Unknown
+    keys and values of the wrong type are errors (`resolve_settings`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     # False: read annotation files only (no image folder is listed or checked).
-    "check_images": True,
+    check_images: bool = True
     # True: evaluate without missing images (dropped and counted in the task's settings).
-    "allow_missing": False,
+    allow_missing: bool = False
     # The task instruction every query carries (EvalQuery.instruction). None: none is
     # given, so the retriever's own default applies (the one it was trained with).
-    "instruction": None,
-}
+    instruction: str | None = None
+
 
 MISSING_EXAMPLES = 5
 
 
 def resolve_settings(
-    benchmark: str, defaults: Mapping[str, Any], given: Mapping[str, Any]
+    benchmark: str, model: type[LoaderSettings], given: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """`defaults` (plus the common ones) updated by `given`; an unknown key is a ValueError."""
-    known = {**COMMON_DEFAULTS, **defaults}
+    """`given` checked against the benchmark's `Settings` model and completed with its
+    defaults; an unknown key or a value of the wrong type is a ValueError naming it."""
+    known = sorted(model.model_fields)
     unknown = sorted(set(given) - set(known))
     if unknown:
-        raise ValueError(f"unknown {benchmark} settings {unknown}; known: {sorted(known)}")
-    resolved = {**known, **given}
-    instruction = resolved["instruction"]
-    if instruction is not None and not isinstance(instruction, str):
-        raise ValueError(f"{benchmark} instruction should be a string or null: {instruction!r}")
-    return resolved
+        raise ValueError(f"unknown {benchmark} settings {unknown}; known: {known}")
+    try:
+        return model.model_validate(dict(given)).model_dump()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+            for e in error.errors()
+        )
+        raise ValueError(f"{benchmark} settings: {problems}") from None
 
 
 def check_split(benchmark: str, split: str, splits: Sequence[str]) -> None:
@@ -59,6 +71,22 @@ def resolve_path(data_root: Path, value: str | Path) -> Path:
     """`value` itself when absolute, else relative to `data_root` ("" is the root)."""
     path = Path(value)
     return path if path.is_absolute() else data_root / path
+
+
+def resolve_template(setting: str, value: Any, table: Mapping[str, str]) -> tuple[str, str | None]:
+    """`(template, name)` for a template setting: a literal template (it holds `{`) is
+    taken as given, its name the table's name for it if any; a value without `{` must be
+    a name of `table` (else a ValueError listing the names)."""
+    if not isinstance(value, str):
+        raise ValueError(f"setting {setting!r} should be a template or a name, got {value!r}")
+    if "{" in value:
+        return value, next((name for name, known in table.items() if known == value), None)
+    if value not in table:
+        raise ValueError(
+            f"setting {setting!r}: {value!r} is not a template (no {{...}} placeholder) nor a "
+            f"template name; names: {', '.join(table)}"
+        )
+    return table[value], value
 
 
 def check_template(setting: str, template: str, *args: str, **fields: str) -> None:
@@ -248,7 +276,7 @@ class CheckedImages:
 
     queries: tuple[EvalQuery, ...]
     gallery: tuple[Candidate, ...]
-    counts: dict[str, int | None]
+    counts: dict[str, Any]  # dropped_* counts, and `dropped_query_ids` (a few examples)
 
 
 def verify_images(
@@ -267,7 +295,7 @@ def verify_images(
     of a shared gallery stays a target: it counts as a miss. `required` are other
     images that must exist (with where they are referenced); nothing is dropped for them."""
     if not settings["check_images"]:
-        counts: dict[str, int | None] = {"missing_images": None}
+        counts: dict[str, Any] = {"missing_images": None}
         return CheckedImages(tuple(queries), tuple(gallery), counts)
     check = ImageCheck()
     for image, where in required:
@@ -296,7 +324,10 @@ def keep_images(
             dropped_candidates += len(query.candidates) - len(candidates)
             kept_queries.append(_with_candidates(query, candidates))
     kept_gallery = tuple(c for c in gallery if ok(c.image, f"gallery item {c.id!r}"))
-    counts: dict[str, int | None] = {
+    kept_ids = {query.id for query in kept_queries}
+    dropped_ids = [query.id for query in queries if query.id not in kept_ids]
+    counts: dict[str, Any] = {
+        "dropped_query_ids": dropped_ids[:MISSING_EXAMPLES],
         "dropped_queries": len(queries) - len(kept_queries),
         "dropped_gallery": len(gallery) - len(kept_gallery),
         "dropped_candidates": dropped_candidates,
@@ -318,7 +349,10 @@ def drop_images(task: EvalTask, bad: Collection[ImageRef]) -> EvalTask:
     used |= {item.image for item in task.gallery if item.image is not None}
     settings["undecodable_images"] = len(refs & used)
     for name, count in kept.counts.items():
-        settings[name] = (settings.get(name) or 0) + (count or 0)
+        if isinstance(count, list):  # examples
+            settings[name] = [*(settings.get(name) or []), *count][:MISSING_EXAMPLES]
+        else:
+            settings[name] = (settings.get(name) or 0) + (count or 0)
     if "gallery_size" in settings:
         settings["gallery_size"] = len(kept.gallery)
     return replace(task, queries=kept.queries, gallery=kept.gallery, settings=settings)

@@ -14,10 +14,13 @@ folder is then detected. Query ids are the annotations' `id`; targets are
 `gt_img_ids` (the `target_img_id` first); `meta["semantic_aspects"]` keeps the
 aspect tags when present. The test split has no targets.
 
-The default query text (`template`) is the MegaPairs paper's
-"find a picture that also {shared_concept}, but {relative_caption}", since our
-numbers are printed beside the paper's. MagicLens' form is the alternative
-`template="find {shared_concept} but {relative_caption}"` (`MAGICLENS_TEMPLATE`).
+The query text is `template` filled with the entry's `shared_concept` and
+`relative_caption`: a literal template or a name of `TEMPLATES` (the table below
+names each one's source). The default, `megapairs`, is the released MegaPairs
+query file's form, "Find a picture that also {shared_concept}, but
+{relative_caption}." (capital F, full stop), so our numbers compare with the
+paper's. The task's settings record the resolved `template` and its
+`template_name` (None for a literal outside the table).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from megapairs.evaluation.loaders.base import (
     LOADERS,
     Entry,
     FolderListing,
+    LoaderSettings,
     check_split,
     check_template,
     check_unique_ids,
@@ -40,6 +44,7 @@ from megapairs.evaluation.loaders.base import (
     recorded,
     resolve_path,
     resolve_settings,
+    resolve_template,
     verify_images,
     with_instruction,
 )
@@ -52,16 +57,32 @@ from megapairs.evaluation.types import (
 )
 
 SPLITS = ("val", "test")
-PAPER_TEMPLATE = "find a picture that also {shared_concept}, but {relative_caption}"
-MAGICLENS_TEMPLATE = "find {shared_concept} but {relative_caption}"
-GALLERY_SOURCES = ("image_info", "folder")
-DEFAULTS: dict[str, Any] = {
-    "annotation_file": "annotations/{split}.json",
-    "image_folder": "COCO2017_unlabeled/unlabeled2017",
-    "gallery_source": "image_info",
-    "image_info_file": "COCO2017_unlabeled/annotations/image_info_unlabeled2017.json",
-    "template": PAPER_TEMPLATE,
+TEMPLATES: dict[str, str] = {
+    # The released MegaPairs (BGE-VL) evaluation query file, "q_text" of every test query:
+    # FlagOpen/FlagEmbedding research/BGE_VL/eval/data/circo_query.jsonl.
+    "megapairs": "Find a picture that also {shared_concept}, but {relative_caption}.",
+    # MagicLens: google-deepmind/magiclens data_utils.py, build_circo_dataset (qtext).
+    "magiclens": "find {shared_concept} but {relative_caption}",
+    # The relative caption alone, as SEARLE (miccunifi/SEARLE src/validate.py,
+    # circo_generate_val_predictions) and Pic2Word-style methods use it; their prefix
+    # "a photo of $ that ..." needs their pseudo-word token $, so it is left out here.
+    "bare": "{relative_caption}",
 }
+PAPER_TEMPLATE = TEMPLATES["megapairs"]  # the default, as the paper's numbers were made
+MAGICLENS_TEMPLATE = TEMPLATES["magiclens"]
+GALLERY_SOURCES = ("image_info", "folder")
+
+
+class Settings(LoaderSettings):
+    """CIRCO's settings (paths relative to the data root)."""
+
+    annotation_file: str = "annotations/{split}.json"
+    image_folder: str = "COCO2017_unlabeled/unlabeled2017"
+    gallery_source: str = "image_info"
+    image_info_file: str = "COCO2017_unlabeled/annotations/image_info_unlabeled2017.json"
+    template: str = "megapairs"  # a name of TEMPLATES or a literal template
+
+
 IMAGE_NAME = re.compile(r"^(\d{12})\.jpg$")
 
 
@@ -69,7 +90,10 @@ IMAGE_NAME = re.compile(r"^(\d{12})\.jpg$")
 def load_circo(data_root: Path, split: str, settings: Mapping[str, Any]) -> list[EvalTask]:
     """One task, `circo/{split}`, ranked against the whole unlabeled gallery."""
     check_split("circo", split, SPLITS)
-    config = resolve_settings("circo", DEFAULTS, settings)
+    config = resolve_settings("circo", Settings, settings)
+    config["template"], config["template_name"] = resolve_template(
+        "template", config["template"], TEMPLATES
+    )
     check_template("template", config["template"], shared_concept="", relative_caption="")
     if config["gallery_source"] not in GALLERY_SOURCES:
         raise ValueError(f"circo gallery_source should be one of {GALLERY_SOURCES}")

@@ -12,6 +12,14 @@ are the `pairid`s; `exclude` is the reference (CIRR removes it from the ranking)
 `subset` is `img_set.members` without the reference, so Recall_subset ranks the
 other five members; targets are `(target_hard,)` (none on test1). A reference,
 target or member that is not in the split's image list is an unknown id.
+
+The query text is the relative caption itself (`template` "bare", "{caption}"): the
+CIRR release pairs the reference image with `caption` and defines no other text;
+SEARLE feeds the caption as given (after its pseudo-word prefix, which needs its
+token), and the released MegaPairs evaluation data (FlagEmbedding
+research/BGE_VL/eval/data) has no CIRR query file that would differ.
+`template` may be a name of `TEMPLATES` or a literal over `{caption}`; the task's
+settings record the resolved `template` and its `template_name`.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any
 from megapairs.evaluation.loaders.base import (
     LOADERS,
     Entry,
+    LoaderSettings,
     check_split,
     check_template,
     check_unique_ids,
@@ -31,26 +40,38 @@ from megapairs.evaluation.loaders.base import (
     recorded,
     resolve_path,
     resolve_settings,
+    resolve_template,
     verify_images,
     with_instruction,
 )
 from megapairs.evaluation.types import BenchmarkDataError, Candidate, EvalQuery, EvalTask, ImageRef
 
 SPLITS = ("train", "val", "test1")
-DEFAULTS: dict[str, Any] = {
-    "version": "rc2",
-    "captions_file": "captions/cap.{version}.{split}.json",
-    "image_split_file": "image_splits/split.{version}.{split}.json",
-    "image_folder": "img_raw",
-    "template": "{caption}",
+TEMPLATES: dict[str, str] = {
+    # The relative caption as released (Cuberick-Orion/CIRR captions/cap.rc2.*.json,
+    # "caption"); SEARLE src/validate.py cirr_generate_val_predictions uses it as is.
+    "bare": "{caption}",
 }
+
+
+class Settings(LoaderSettings):
+    """CIRR's settings (paths relative to the data root)."""
+
+    version: str = "rc2"
+    captions_file: str = "captions/cap.{version}.{split}.json"
+    image_split_file: str = "image_splits/split.{version}.{split}.json"
+    image_folder: str = "img_raw"
+    template: str = "bare"  # a name of TEMPLATES or a literal template
 
 
 @LOADERS.register("cirr")
 def load_cirr(data_root: Path, split: str, settings: Mapping[str, Any]) -> list[EvalTask]:
     """One task, `cirr/{split}`, ranked against the split's images minus the reference."""
     check_split("cirr", split, SPLITS)
-    config = resolve_settings("cirr", DEFAULTS, settings)
+    config = resolve_settings("cirr", Settings, settings)
+    config["template"], config["template_name"] = resolve_template(
+        "template", config["template"], TEMPLATES
+    )
     check_template("template", config["template"], caption="")
     names = {"version": config["version"], "split": split}
     captions_file = resolve_path(data_root, config["captions_file"].format(**names))

@@ -7,11 +7,18 @@ Layout (the FashionIQ release, as MagicLens and CLIP4Cir unpack it):
     {data_root}/images/{name}.png
 
 The gallery is the category's split list, the reference included (FashionIQ does
-not remove it). The two captions are joined by `template` (default
-"{0} and {1}", MagicLens' join; other work uses "{0}, and {1}"), recorded in the
-task's settings. Query ids are the entries' positions in the captions file;
+not remove it). Query ids are the entries' positions in the captions file;
 targets are `(target,)`, which must be in the split list (none on test, whose
 captions have no target).
+
+The query text joins the two captions with `template`, a literal over `{0}` and
+`{1}` or a name of `TEMPLATES` (sources in the table). The default, `megapairs`,
+is "{0}, and {1}", the released MegaPairs query files' join; `and` ("{0} and {1}")
+is MagicLens' and SEARLE's. The captions go in as released, not stripped, as in
+both those files (e.g. "Is lighter with a floral pattern., and is blue with
+straps"); `caption_strip` names characters to strip from both ends of each caption
+first (".?, " is SEARLE's and CLIP4Cir's preprocessing). The task's settings record
+the resolved `template`, its `template_name` and `caption_strip`.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 from megapairs.evaluation.loaders.base import (
     LOADERS,
     Entry,
+    LoaderSettings,
     check_split,
     check_template,
     entries,
@@ -30,6 +38,7 @@ from megapairs.evaluation.loaders.base import (
     recorded,
     resolve_path,
     resolve_settings,
+    resolve_template,
     verify_images,
     with_instruction,
 )
@@ -37,28 +46,52 @@ from megapairs.evaluation.types import BenchmarkDataError, Candidate, EvalQuery,
 
 SPLITS = ("train", "val", "test")
 CATEGORIES = ("dress", "shirt", "toptee")
-DEFAULTS: dict[str, Any] = {
-    "categories": CATEGORIES,
-    "captions_file": "captions/cap.{category}.{split}.json",
-    "image_split_file": "image_splits/split.{category}.{split}.json",
-    "image_folder": "images",
-    "image_extension": ".png",
-    "template": "{0} and {1}",
+TEMPLATES: dict[str, str] = {
+    # The released MegaPairs (BGE-VL) query files, "q_text": FlagOpen/FlagEmbedding
+    # research/BGE_VL/eval/data/fashioniq_{dress,shirt,toptee}_query_val.jsonl.
+    "megapairs": "{0}, and {1}",
+    # MagicLens: google-deepmind/magiclens data_utils.py build_fiq_dataset
+    # (" and ".join(captions)); SEARLE src/validate.py fiq_generate_val_predictions.
+    "and": "{0} and {1}",
 }
+
+
+class Settings(LoaderSettings):
+    """FashionIQ's settings (paths relative to the data root)."""
+
+    categories: str | tuple[str, ...] = CATEGORIES  # one name or several
+    captions_file: str = "captions/cap.{category}.{split}.json"
+    image_split_file: str = "image_splits/split.{category}.{split}.json"
+    image_folder: str = "images"
+    image_extension: str = ".png"
+    template: str = "megapairs"  # a name of TEMPLATES or a literal template
+    caption_strip: str | None = None  # None: captions as released; else characters stripped
 
 
 @LOADERS.register("fashioniq")
 def load_fashioniq(data_root: Path, split: str, settings: Mapping[str, Any]) -> list[EvalTask]:
     """One task per category, `fashioniq/{category}/{split}`."""
     check_split("fashioniq", split, SPLITS)
-    config = resolve_settings("fashioniq", DEFAULTS, settings)
+    config = _config(settings)
+    return [_category_task(data_root, split, category, config) for category in config["categories"]]
+
+
+def _config(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved settings: the template by name or literal, categories as a tuple."""
+    config = resolve_settings("fashioniq", Settings, settings)
+    config["template"], config["template_name"] = resolve_template(
+        "template", config["template"], TEMPLATES
+    )
     check_template("template", config["template"], "", "")
+    strip = config["caption_strip"]
+    if strip is not None and not isinstance(strip, str):
+        raise ValueError(f"fashioniq caption_strip should be a string or null: {strip!r}")
     categories = config["categories"]
     if isinstance(categories, str):
         categories = config["categories"] = (categories,)
     if not categories or not set(categories) <= set(CATEGORIES):
         raise ValueError(f"fashioniq categories should be some of {CATEGORIES}, got {categories}")
-    return [_category_task(data_root, split, category, config) for category in categories]
+    return config
 
 
 def _category_task(
@@ -75,7 +108,7 @@ def _category_task(
     gallery = tuple(Candidate(id=name, image=image(name)) for name in _split_names(split_file))
     known = {candidate.id for candidate in gallery}
     queries = [
-        _query(entry, split, config["template"], image, known, split_file)
+        _query(entry, split, config, image, known, split_file)
         for entry in entries(captions_file, read_json(captions_file))
     ]
     queries = with_instruction(queries, config["instruction"])
@@ -111,7 +144,7 @@ def _split_names(split_file: Path) -> list[str]:
 def _query(
     entry: Entry,
     split: str,
-    template: str,
+    config: Mapping[str, Any],
     image: Callable[[str], ImageRef],
     known: set[str],
     split_file: Path,
@@ -119,6 +152,8 @@ def _query(
     captions = entry.items("captions", str, min_len=2)
     if len(captions) != 2:
         raise entry.error(f"field 'captions' should hold 2 captions, got {len(captions)}")
+    if config["caption_strip"] is not None:
+        captions = [caption.strip(config["caption_strip"]) for caption in captions]
     targets: tuple[str, ...] = ()
     if split != "test":
         target = entry.get("target", str)
@@ -128,6 +163,6 @@ def _query(
     return EvalQuery(
         id=str(entry.index),
         image=image(entry.get("candidate", str)),
-        text=template.format(*captions),
+        text=config["template"].format(*captions),
         targets=targets,
     )

@@ -7,26 +7,41 @@ Layout (the GeneCIS release; image folders as its config.py names them):
     {data_root}/visual_genome/VG_100K_all/{image_id}.jpg        attribute subtasks
 
 Each entry is {reference, target, condition, gallery}; an image item is
-`{"val_image_id": int}` (COCO val2017) or `{"image_id": int, "instance_bbox":
-[x, y, w, h]}` (Visual Genome, cropped). One task per subtask: all four are
-expected, and a missing file is an error unless `allow_missing` (the others are
-then evaluated) or `subtasks` names the ones to evaluate; either way the absent
-ones are recorded as `missing_subtasks`, and the headline average R@1 is only
-given when all four are present. Candidates are `[target] + gallery`, so the correct one is
-first; candidate ids are the image id (`"{image_id}:{x},{y},{w},{h}"` for a box),
-made unique per query with a `#k` suffix. Query ids are the entries' positions.
+`{"val_image_id": int}` (COCO val2017) or `{"image_id": id, "instance_bbox":
+[x, y, w, h]}` (Visual Genome, cropped). As in GeneCIS' reference code, which
+formats them into paths (`f"{val_img_id:012d}.jpg"`, `f"{image_id}.jpg"`), a
+`val_image_id` must be an integer and an `image_id` an integer or a string of
+digits (`"2373241"`, used verbatim in the path and the id); anything else is an
+error naming the entry.
+
+One task per subtask: all four are expected, and a missing file is an error
+unless `allow_missing` (the others are then evaluated) or `subtasks` names the
+ones to evaluate; either way the absent ones are recorded as `missing_subtasks`,
+and the headline average R@1 is only given when all four are present. Candidates
+are `[target] + gallery`, so the correct one is first; candidate ids are the image
+id (`"{image_id}:{x},{y},{w},{h}"` for a box), made unique per query with a `#k`
+suffix. Query ids are the entries' positions.
 
 Crops follow GeneCIS' reference code: the box grows by `box_dilation` (0.7) of
 its size to the left and top, `left = max(0, x - 0.7 w)`, and spans `1.7 w` by
 `1.7 h` from there; whoever crops must clip it to the image (and the reference
 code then pads the crop to a square with black). `box_dilation=0` keeps the box.
 
-The query text is the subtask's template filled with the condition; the
-templates are settings (GeneCIS' own baselines use the bare "{condition}").
+The query text is the subtask's template filled with the condition. `templates`
+is a name of `TEMPLATE_SETS` (one template per subtask; sources in the table), a
+literal template for all four, or a mapping subtask -> literal template or name
+(the default set's template for the subtasks it leaves out). The default,
+`megapairs`, follows the paper's description (App. C: "the text description of
+the sub-task derived from the condition keyword"); the paper gives no wording and
+the release has no GeneCIS query file, so the wording is ours. `bare` is the
+condition word alone, which GeneCIS' own baselines encode (`caption =
+sample['condition']` in its datasets/coco_dataset.py and vaw_dataset.py). Each
+task's settings record its resolved `template` and `template_name`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +49,7 @@ from typing import Any
 from megapairs.evaluation.loaders.base import (
     LOADERS,
     Entry,
+    LoaderSettings,
     check_split,
     check_template,
     entries,
@@ -41,6 +57,7 @@ from megapairs.evaluation.loaders.base import (
     recorded,
     resolve_path,
     resolve_settings,
+    resolve_template,
     unique_ids,
     verify_images,
     with_instruction,
@@ -49,42 +66,68 @@ from megapairs.evaluation.types import BenchmarkDataError, Candidate, EvalQuery,
 
 SPLITS = ("val",)  # GeneCIS has one evaluation set (its reference code's "val" subsets)
 SUBTASKS = ("focus_attribute", "change_attribute", "focus_object", "change_object")
-TEMPLATES: dict[str, str] = {
-    "focus_attribute": "focus on the {condition}",
-    "change_attribute": "make it {condition}",
-    "focus_object": "focus on the {condition}",
-    "change_object": "add {condition}",
+TEMPLATE_SETS: dict[str, dict[str, str]] = {
+    # This project's wording of the MegaPairs paper's "text description of the sub-task
+    # derived from the condition keyword" (App. C); no released file gives the text.
+    "megapairs": {
+        "focus_attribute": "focus on the {condition}",
+        "change_attribute": "make it {condition}",
+        "focus_object": "focus on the {condition}",
+        "change_object": "add {condition}",
+    },
+    # The condition word alone, as GeneCIS' baselines (facebookresearch/genecis
+    # datasets/coco_dataset.py and vaw_dataset.py: caption = sample['condition']).
+    "bare": dict.fromkeys(SUBTASKS, "{condition}"),
 }
-DEFAULTS: dict[str, Any] = {
-    "subtasks": None,  # None: all four (a missing file is an error unless allow_missing)
-    "annotation_file": "{subtask}.json",
-    "coco_images": "coco/val2017",
-    "vg_images": "visual_genome/VG_100K_all",
-    "box_dilation": 0.7,
-    "templates": TEMPLATES,
-}
+DEFAULT_SET = "megapairs"
+DIGITS = re.compile(r"[0-9]+")
+TEMPLATES = TEMPLATE_SETS[DEFAULT_SET]
+
+
+class Settings(LoaderSettings):
+    """GeneCIS' settings (paths relative to the data root)."""
+
+    subtasks: str | tuple[str, ...] | None = None  # None: all four (a missing file: error
+    # unless allow_missing)
+    annotation_file: str = "{subtask}.json"
+    coco_images: str = "coco/val2017"
+    vg_images: str = "visual_genome/VG_100K_all"
+    box_dilation: float = 0.7
+    templates: str | dict[str, str] = DEFAULT_SET  # a name of TEMPLATE_SETS, one template,
+    # or subtask -> template or name
 
 
 @LOADERS.register("genecis")
 def load_genecis(data_root: Path, split: str, settings: Mapping[str, Any]) -> list[EvalTask]:
     """One task per subtask, `genecis/{subtask}`, each query with its own candidates."""
     check_split("genecis", split, SPLITS)
-    config = resolve_settings("genecis", DEFAULTS, settings)
-    config["templates"] = _templates(config["templates"])
+    config = resolve_settings("genecis", Settings, settings)
+    templates = _templates(config["templates"])
+    config["templates"] = {subtask: template for subtask, (template, _) in templates.items()}
+    config["template_names"] = {subtask: name for subtask, (_, name) in templates.items()}
     if not isinstance(config["box_dilation"], int | float) or config["box_dilation"] < 0:
         raise ValueError(f"genecis box_dilation should be >= 0, got {config['box_dilation']!r}")
     files = _subtask_files(data_root, config)
     return [_subtask_task(data_root, split, subtask, path, config) for subtask, path in files]
 
 
-def _templates(given: Mapping[str, str]) -> dict[str, str]:
+def _templates(given: str | Mapping[str, str]) -> dict[str, tuple[str, str | None]]:
+    """Subtask -> (template, name). A string (a set's name, or a literal) applies to all
+    four subtasks; a mapping names some, the others take the default set's."""
+    if isinstance(given, str):
+        given = dict.fromkeys(SUBTASKS, given)
+    if not isinstance(given, Mapping):
+        raise ValueError(f"setting 'templates' should be a name or a mapping, got {given!r}")
     unknown = sorted(set(given) - set(SUBTASKS))
     if unknown:
         raise ValueError(f"genecis templates for unknown subtasks {unknown}; known: {SUBTASKS}")
-    templates = {**TEMPLATES, **given}
-    for subtask, template in templates.items():
-        check_template(f"templates.{subtask}", template, condition="")
-    return templates
+    resolved = {}
+    for subtask in SUBTASKS:
+        table = {name: templates[subtask] for name, templates in TEMPLATE_SETS.items()}
+        setting = f"templates.{subtask}"
+        resolved[subtask] = resolve_template(setting, given.get(subtask, DEFAULT_SET), table)
+        check_template(setting, resolved[subtask][0], condition="")
+    return resolved
 
 
 def _subtask_files(data_root: Path, config: dict[str, Any]) -> list[tuple[str, Path]]:
@@ -123,12 +166,14 @@ def _subtask_task(
         vg=resolve_path(data_root, config["vg_images"]),
         dilation=float(config["box_dilation"]),
     )
-    template = config["templates"][subtask]
+    template, template_name = config["templates"][subtask], config["template_names"][subtask]
     queries = [_query(entry, template, images) for entry in entries(path, read_json(path))]
     queries = with_instruction(queries, config["instruction"])
     checked = verify_images(queries, (), str(path), config)
     settings_record = recorded(
-        {**config, "subtask": subtask, "template": template}, data_root, annotation_file=path
+        {**config, "subtask": subtask, "template": template, "template_name": template_name},
+        data_root,
+        annotation_file=path,
     )
     settings_record.update(checked.counts)
     return EvalTask(
@@ -156,7 +201,7 @@ class _ImageItems:
             raise entry.error(
                 f"field {name!r} should have 'val_image_id' or 'image_id' and 'instance_bbox'"
             )
-        image_id = entry.check(f"{name}.image_id", value["image_id"], int)
+        image_id = _vg_image_id(entry, f"{name}.image_id", value["image_id"])
         box = value["instance_bbox"]
         if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
             raise entry.error(f"field '{name}.instance_bbox' should be [x, y, w, h]: {box!r}")
@@ -168,6 +213,19 @@ class _ImageItems:
         grow = self.dilation
         left, top = max(0.0, x - grow * width), max(0.0, y - grow * height)
         return (left, top, (1 + grow) * width, (1 + grow) * height)
+
+
+def _vg_image_id(entry: Entry, field_name: str, value: Any) -> str:
+    """A Visual Genome image id as GeneCIS' code puts it in the path (`f"{image_id}.jpg"`):
+    an integer, or a string of ASCII digits, kept verbatim."""
+    if isinstance(value, str) and DIGITS.fullmatch(value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise entry.error(
+        f"field {field_name!r} should be an integer or a string of digits (a Visual Genome "
+        f"image id), got {value!r:.80}"
+    )
 
 
 def _is_number(value: Any) -> bool:

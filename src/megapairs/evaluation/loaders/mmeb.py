@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from megapairs.evaluation.loaders.base import (
     LOADERS,
     Entry,
+    LoaderSettings,
     check_split,
     recorded,
     resolve_path,
@@ -68,18 +69,20 @@ DATASETS: dict[str, tuple[str, str]] = {
 }
 """The 36 MMEB datasets -> (meta-task, "IND" or "OOD"): 20 in-distribution, 16 out."""
 
-DEFAULTS: dict[str, Any] = {
-    "datasets": None,  # None: all 36
-    "image_folder": "images",
-    "image_token": "<|image_1|>",
-}
+
+class Settings(LoaderSettings):
+    """MMEB's settings (paths relative to the data root)."""
+
+    datasets: str | tuple[str, ...] | None = None  # None: all 36
+    image_folder: str = "images"
+    image_token: str = "<|image_1|>"
 
 
 @LOADERS.register("mmeb")
 def load_mmeb(data_root: Path, split: str, settings: Mapping[str, Any]) -> list[EvalTask]:
     """One task per dataset, `mmeb/{dataset}`, each row with its own candidates."""
     check_split("mmeb", split, SPLITS)
-    config = resolve_settings("mmeb", DEFAULTS, settings)
+    config = resolve_settings("mmeb", Settings, settings)
     names = _dataset_names(config["datasets"])
     found = {name: _dataset_files(data_root, name, split) for name in names}
     missing = [name for name, files in found.items() if not files]
