@@ -177,7 +177,19 @@ def test_dataset_info_describes_the_finished_parts(tmp_path: Path) -> None:
     assert info["complete"] is True and info["pending_parts"] == []
     assert info["counts"]["rows"] == 5 and list(info["parts"]) == ["part-00000", "part-00001"]
     assert info["columns"] == DATASET_SCHEMA.names and info["image_root"] == "."
-    assert info["config"]["export"] == {"images": "copy", "jsonl": True}
+    assert info["config"]["export"] == {
+        "images": "copy",
+        "jsonl": True,
+        "filter": {
+            "max_rank": 0,
+            "min_margin": None,
+            "drop_shortcuts": "none",
+            "drop_false_negatives": False,
+            "require_judge": False,
+            "min_instructions": None,
+        },
+    }
+    assert info["scored_parts"] == [] and "score" not in info["config"]
 
 
 def test_jsonl_holds_the_same_rows_as_parquet(tmp_path: Path) -> None:

@@ -9,16 +9,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from gate_fixtures import GATE_RULES, SCORES, gate_config, write_neighbours, write_scores
 from run_fixtures import INSTRUCTIONS, FixtureRun, build_run, fixture_config
 
 from megapairs.dataset.export import ExportStage
 from megapairs.dataset.stats import (
     DroppedStats,
+    GateStats,
     PartBalance,
     Summary,
     dataset_stats,
     dropped_stats,
     format_stats,
+    margin_quantiles,
 )
 from megapairs.pipeline.runner import LocalRunner
 from megapairs.runs import RunDir
@@ -104,6 +107,7 @@ def test_failures_and_part_balance_from_the_run(exported: FixtureRun) -> None:
     assert "instructions per pair: 3: 3, 4: 1, 5: 1" in text
     assert "annotation failures (finished parts): 2, transient 1 (50%" in text
     assert "all 2 parts balance: 7 pairs in, none lost" in text
+    assert stats.scores is None and stats.gate is None and "scores (" not in text
 
 
 def test_only_finished_annotate_parts_count(exported: FixtureRun) -> None:
@@ -207,3 +211,88 @@ def test_dropped_instructions_are_reported(exported: FixtureRun) -> None:
 def test_a_file_without_the_released_columns_is_refused(exported: FixtureRun) -> None:
     with pytest.raises(ValueError, match="not a dataset file: it lacks q_img, q_text, t_img, hns"):
         dataset_stats(exported.run.root / "pairs")
+
+
+def gated(tmp_path: Path) -> FixtureRun:
+    """The fixture run with scores, exported through the gate (tests/gate_fixtures.py)."""
+    fixture = build_run(tmp_path)
+    write_scores(fixture)
+    write_neighbours(fixture)
+    config = gate_config(**GATE_RULES)
+    LocalRunner(fixture.run, config, progress=False).run_all([ExportStage(config)])
+    return fixture
+
+
+def test_score_distributions_from_the_run(tmp_path: Path) -> None:
+    stats = dataset_stats(dataset(gated(tmp_path)))
+    scores = stats.scores
+    assert scores is not None
+    rows = [s for listed in SCORES.values() for s in listed if s is not None]
+    assert scores.instructions == 17 == len(rows) and scores.pairs == 5
+    assert scores.ranks.counts == {1: 9, 2: 3, 3: 3, 4: 1, 5: 1}
+    margins = [margin for _, margin, *_ in rows]
+    for name, share in {"p10": 10, "median": 50, "p90": 90}.items():
+        assert scores.margins[name] == np.percentile(margins, share, method="inverted_cdf")
+    assert (scores.margins["min"], scores.margins["max"]) == (-0.3, 0.5)
+    assert (scores.text_shortcuts, scores.image_shortcuts) == (2, 2)
+    assert (scores.false_negatives, scores.with_false_negatives) == (6, 6)
+    assert scores.pairs_with_false_negatives == 4
+    assert scores.judge == {"yes": 11, "no": 4, "": 2}
+    text = format_stats(stats)
+    assert "scores (finished score parts): 17 instructions, 5 pairs" in text
+    assert "  shortcuts: text 2 (12%), image 2 (12%)" in text
+    assert "  judge: yes: 11, no: 4, (none): 2" in text
+
+
+def test_what_the_gate_removed_and_the_balance(tmp_path: Path) -> None:
+    fixture = gated(tmp_path)
+    stats = dataset_stats(dataset(fixture))
+    assert stats.gate == GateStats(
+        parts=2,
+        annotated=5,
+        rows=4,
+        rejected_pairs=1,
+        reject_reasons={"gate:max_rank": 1},
+        instructions_in=18,
+        instructions_kept=9,
+        dropped={
+            "unscored": 1,
+            "max_rank": 5,
+            "min_margin": 1,
+            "text_shortcut": 2,
+            "image_shortcut": 0,
+            "judge": 0,
+        },
+        false_negatives_removed=4,
+        negatives_topped_up=3,
+    )
+    assert stats.gate.balanced
+    assert stats.parts[0] == PartBalance("part-00000", 4, 3, 1, exported=2, gate_rejected=1)
+    assert all(p.balanced for p in stats.parts)
+    lines = format_stats(stats).splitlines()
+    start = lines.index(
+        "gate (export.filter, 2 scored parts): 18 instructions in, 9 kept; dropped: unscored 1, "
+        "max_rank 5, min_margin 1, text_shortcut 2"
+    )
+    assert lines[start + 1 : start + 3] == [
+        "  pairs: 5 annotated, 4 exported, 1 rejected (gate:max_rank: 1)",
+        "  hard negatives: 4 false negatives removed, 3 topped up",
+    ]
+    assert "  part-00000: 4 pairs, 3 annotated, 1 failed, 2 exported, 1 gate-rejected" in lines
+    # a lost reject file shows: the rejected pair is no longer accounted for
+    (fixture.run.root / "rejects" / "export-part-00000.parquet").unlink()
+    broken = dataset_stats(dataset(fixture)).gate
+    assert broken is not None and not broken.balanced
+    assert "MISMATCH: the gate's counts" in format_stats(dataset_stats(dataset(fixture)))
+
+
+def test_margin_quantiles_skip_missing_values() -> None:
+    assert margin_quantiles(pa.chunked_array([[None, float("nan")]], pa.float64())) == {}
+    column = pa.chunked_array([[0.3, None, -0.1], [0.2, float("nan")]], pa.float64())
+    assert margin_quantiles(column) == {
+        "min": -0.1,
+        "p10": -0.1,
+        "median": 0.2,
+        "p90": 0.3,
+        "max": 0.3,
+    }

@@ -286,5 +286,12 @@ def test_unknown_channel_is_refused(tiny_clip_dir):
 def test_stage_contract(tiny_clip_dir, corpus):
     stage = EmbedStage(make_config(tiny_clip_dir), "caption")
     assert stage.name == "embed.caption"
-    assert stage.config_sections == ("channels.caption", "embed.device", "embed.dtype")
+    model = ("channels.caption.encoder", "channels.caption.model", "channels.caption.options")
+    assert stage.config_sections == (*model, "embed.device", "embed.dtype")
+    config = make_config(tiny_clip_dir)
+    data = config.model_dump()
+    data["channels"]["caption"]["window"] = "auto"  # mining's business: no new vectors
+    other = type(config).model_validate(data)
+    sections = stage.config_sections
+    assert other.section_hash(*sections) == config.section_hash(*sections)
     assert stage.plan(corpus) == ["part-00000", "part-00001", "part-00002"]

@@ -44,7 +44,7 @@ def annotated(tmp_path: Path) -> FixtureRun:
 def test_reset_annotate_clears_it_and_export_but_not_the_pairs(annotated: FixtureRun) -> None:
     run = annotated.run
     done = {item.stage: item for item in reset_stage(run, "annotate")}
-    assert set(done) == {"annotate", "export"}
+    assert set(done) == {"annotate", "score", "export"}  # score: nothing of it to delete
     assert done["annotate"].markers == 2 and done["annotate"].recorded
     assert done["annotate"].files >= 4  # 2 annotation, 2 failure tables, cache chunks
     assert done["export"].markers == 2 and done["export"].files > 2
@@ -107,7 +107,7 @@ def channel_run(root: Path) -> RunDir:
 
 def test_a_channel_resets_only_its_branch_and_what_joins_them(tmp_path: Path) -> None:
     run = channel_run(tmp_path)
-    later = ["mine", "annotate", "export"]
+    later = ["mine", "annotate", "score", "export"]
     assert stages_to_reset(run, "embed.a") == ["embed.a", "neighbours.a", *later]
     assert stages_to_reset(run, "neighbours.b") == ["neighbours.b", *later]
     assert stages_to_reset(run, "embed") == [*CHANNEL_STAGES, *later]

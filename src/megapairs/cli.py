@@ -35,8 +35,9 @@ STEP_COMMANDS = {
     "neighbours": ("neighbours",),
     "mine": ("mine",),
     "annotate": ("annotate",),
+    "score": ("score",),
     "export": ("export",),
-    "synthesize": ("ingest", "embed", "neighbours", "mine", "annotate", "export"),
+    "synthesize": ("ingest", "embed", "neighbours", "mine", "annotate", "score", "export"),
 }
 
 
@@ -93,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         "neighbours": "FAISS top-k neighbours per channel",
         "mine": "mine (query, target) pairs in the similarity window, with hard negatives",
         "annotate": "describe each pair (VLM) and write its retrieval instructions (LLM)",
+        "score": "the quality gate: score every instruction (round trip, shortcuts, false "
+        "negatives, optional judge) for export's filter rules",
         "export": "export the triplets in the MegaPairs schema (Parquet + JSONL)",
-        "synthesize": "run ingest -> embed -> neighbours -> mine -> annotate -> export",
+        "synthesize": "run ingest -> embed -> neighbours -> mine -> annotate -> [score] -> "
+        "export (score when score.enabled)",
     }
     for name, text in helps.items():
         step = commands.add_parser(name, help=text, description=text)
@@ -118,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(commands)
     add_eval_command(commands)
     add_reset_command(commands)
+    add_calibrate_command(commands)
     summary = commands.add_parser("summary", help="print what a run holds")
     summary.add_argument("--run", required=True, help="run directory or object-store URL")
     summary.add_argument("--examples", type=int, default=5, help="example pairs to show")
@@ -330,7 +335,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     dataset = path / DATASET_DIR if is_run else path
     stats = dataset_stats(dataset, RunDir(path) if is_run else None)
     print(format_stats(stats))
-    return 1 if any(not part.balanced for part in stats.parts) else 0
+    gate_unbalanced = stats.gate is not None and not stats.gate.balanced
+    return 1 if gate_unbalanced or any(not part.balanced for part in stats.parts) else 0
 
 
 def resolve_config(args: argparse.Namespace) -> PipelineConfig:
@@ -420,6 +426,31 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"megapairs {args.command}: error: {redact(str(err))}", file=sys.stderr)
         return 2
+
+
+def add_calibrate_command(commands: argparse._SubParsersAction) -> None:
+    """`calibrate`: each channel's neighbour scores and the window they suggest."""
+    text = (
+        "after `neighbours`: per channel, the neighbour scores (quantiles, by list rank), "
+        "the entries below/inside/above its window and the window `window: auto` would "
+        "choose; writes neighbours/<channel>/calibration.json"
+    )
+    calibrate = commands.add_parser("calibrate", help=text, description=text)
+    calibrate.add_argument("--run", required=True, help="run directory or object-store URL")
+    calibrate.add_argument(
+        "--config", type=Path, help="YAML config; default: the config stored in the run"
+    )
+    add_set_option(calibrate, "override a config value, e.g. --set channels.caption.window=auto")
+    calibrate.set_defaults(handler=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from megapairs.neighbours.calibrate import calibrate_run, format_calibration
+    from megapairs.runs import RunDir
+
+    run = RunDir(args.run)
+    print(format_calibration(run, calibrate_run(run, resolve_config(args))))
+    return 0
 
 
 if __name__ == "__main__":

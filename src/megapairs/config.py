@@ -55,21 +55,41 @@ class IngestConfig(Section):
 
 
 class ChannelConfig(Section):
-    """One similarity channel: an encoder over images or captions and its window."""
+    """One similarity channel: an encoder over images or captions and its window.
+
+    `window` is (low, high), or `auto`: before mining, (low, high) = the `auto_window`
+    quantiles (q_low, q_high) of all the channel's own neighbour scores, on a 1e-4 grid
+    (rule: `megapairs.neighbours.calibrate`). About (1 - q_low) * k entries per query lie
+    above low (5 with the defaults and k = 20, as many as `mine.max_targets`), the top
+    1 - q_high of the scores (near-duplicates) at or above high. The chosen numbers are
+    recorded in `pairs/windows.json` and the manifest's `windows`; `megapairs calibrate`
+    shows each channel's scores and the window the rule suggests."""
 
     encoder: str
     model: str = ""
     enabled: bool = True
-    window: tuple[float, float] = (0.8, 0.96)
+    window: tuple[float, float] | Literal["auto"] = (0.8, 0.96)
+    # window: auto -> (low, high) = these quantiles of the channel's neighbour scores
+    auto_window: tuple[float, float] = (0.75, 0.995)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("window")
     @classmethod
-    def _ordered(cls, window: tuple[float, float]) -> tuple[float, float]:
+    def _ordered(cls, window: tuple[float, float] | str) -> tuple[float, float] | str:
+        if isinstance(window, str):
+            return window
         low, high = window
         if not -1.0 <= low < high <= 1.0:
             raise ValueError(f"window must satisfy -1 <= low < high <= 1, got {window}")
         return window
+
+    @field_validator("auto_window")
+    @classmethod
+    def _quantiles(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        low, high = bounds
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"auto_window must satisfy 0 <= low < high <= 1, got {bounds}")
+        return bounds
 
 
 class EmbedConfig(Section):
@@ -203,11 +223,70 @@ class AnnotateConfig(Section):
         return self
 
 
+JUDGE_ENDPOINT_DEFAULTS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 256}
+
+
+class JudgeConfig(Section):
+    """The optional judge of the score stage: a vision-language model asked, as strict JSON,
+    whether the instruction applied to the query image describes the target."""
+
+    enabled: bool = False
+    backend: Literal["openai", "hf"] = "openai"  # the annotation backends that see images
+    # the judge's model (sent as an annotate describer: the capability probe applies);
+    # greedy and short by default: it answers one JSON verdict
+    endpoint: EndpointConfig = EndpointConfig(**JUDGE_ENDPOINT_DEFAULTS)
+    concurrency: int = Field(16, ge=1)
+    max_retries: int = Field(5, ge=0)
+    backoff_initial: float = Field(1.0, gt=0.0)
+    backoff_max: float = Field(60.0, gt=0.0)
+    flush_every: int = Field(64, ge=1)
+    image_max_side: int = Field(512, ge=16)
+
+    @field_validator("endpoint", mode="before")
+    @classmethod
+    def _greedy(cls, value: Any) -> Any:
+        """A judge endpoint given as a mapping gets the judge's defaults, not a describer's."""
+        return {**JUDGE_ENDPOINT_DEFAULTS, **value} if isinstance(value, dict) else value
+
+
+class ScoreConfig(Section):
+    """The quality gate: every (query image, instruction) scored by a composed scorer."""
+
+    enabled: bool = False  # part of `synthesize` (between annotate and export) when true
+    # channels: the run's own encoders (image channel similarity + caption channel text
+    # similarity), offline; clip | mmret-clip | mmret-mllm: a retriever as `megapairs eval`
+    scorer: Literal["channels", "clip", "mmret-clip", "mmret-mllm"] = "channels"
+    model: str = ""  # the retriever's checkpoint (hub name or folder) for clip / mmret-*
+    image_channel: str = ""  # channels scorer: the image channel (empty: the first enabled)
+    text_channel: str = ""  # channels scorer: the caption channel (empty: the first enabled)
+    # channels scorer: weight of the text term (0.7: best separation of swapped from intact
+    # instructions in the corruption test, tests/test_quality_corruption.py)
+    text_weight: float = Field(0.7, ge=0.0, le=1.0)
+    random_negatives: int = Field(20, ge=0)  # random corpus images added to the hard negatives
+    batch_size: int = Field(64, ge=1)
+    device: str = "auto"
+    judge: JudgeConfig = JudgeConfig()
+
+
+class FilterConfig(Section):
+    """Export rules over the score stage's columns (all off by default: keep everything)."""
+
+    max_rank: int = Field(0, ge=0)  # keep an instruction whose target ranks <= this; 0: off
+    min_margin: float | None = None  # keep an instruction whose margin is >= this
+    drop_shortcuts: Literal["none", "text", "image", "either"] = "none"
+    drop_false_negatives: bool = False  # drop flagged hard negatives (topped up from below)
+    require_judge: bool = False  # keep only instructions the judge said yes to
+    # a pair the gate leaves with fewer instructions goes to rejects; None: as many as
+    # annotate.min_instructions (what `validate` asks of every row)
+    min_instructions: int | None = Field(None, ge=1)
+
+
 class ExportConfig(Section):
     """The exported dataset in the MegaPairs schema."""
 
     images: Literal["copy", "reference"] = "copy"  # copy into dataset/images, or absolute paths
     jsonl: bool = True  # also write part-N.jsonl beside each Parquet shard
+    filter: FilterConfig = FilterConfig()
 
 
 class RunnerConfig(Section):
@@ -232,6 +311,7 @@ class PipelineConfig(Section):
     neighbours: NeighboursConfig = NeighboursConfig()
     mine: MineConfig = MineConfig()
     annotate: AnnotateConfig = AnnotateConfig()
+    score: ScoreConfig = ScoreConfig()
     export: ExportConfig = ExportConfig()
     runner: RunnerConfig = RunnerConfig()
 
@@ -243,8 +323,8 @@ class PipelineConfig(Section):
         """The config as JSON data without credentials (a password in an annotation server
         URL): what the manifest stores and `megapairs config` prints."""
         data = self.model_dump(mode="json")
-        for role in ("describer", "instructor"):
-            endpoint = data["annotate"][role]
+        endpoints = [data["annotate"][role] for role in ("describer", "instructor")]
+        for endpoint in [*endpoints, data["score"]["judge"]["endpoint"]]:
             urls = endpoint["base_url"]
             if isinstance(urls, str):
                 endpoint["base_url"] = strip_credentials(urls)

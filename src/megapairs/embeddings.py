@@ -13,6 +13,13 @@ from megapairs.schemas import EMBEDDINGS_DIR
 # config hash of every stage built on the embeddings.
 EMBED_OUTPUT_SETTINGS = ("embed.device", "embed.dtype")
 
+
+def channel_model_settings(channel: str) -> tuple[str, ...]:
+    """The settings of `channel` that change its vectors (encoder, model, options): not its
+    window or `enabled`, which only mining reads, so a window may change on a started run."""
+    return tuple(f"channels.{channel}.{name}" for name in ("encoder", "model", "options"))
+
+
 VECTORS_SUFFIX = ".npy"
 IDS_SUFFIX = ".ids.npy"
 

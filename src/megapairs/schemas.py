@@ -25,6 +25,9 @@ ANNOTATIONS_DIR = "annotations"
 ANNOTATION_FAILURES_DIR = "annotation_failures"
 ANNOTATION_CACHE_DIR = "annotation_cache"
 DATASET_DIR = "dataset"
+SCORES_DIR = "scores"
+SCORE_FAILURES_DIR = "score_failures"
+JUDGE_CACHE_DIR = "judge_cache"
 
 CORPUS_SCHEMA = pa.schema(
     [
@@ -128,6 +131,48 @@ ANNOTATION_FAILURES_SCHEMA = pa.schema(
     ]
 )
 
+# The score stage: one row per (annotated pair, instruction), in the annotations' order.
+# Ranks are 1-based among the target and `negatives` (ties count against the target:
+# rank = 1 + how many negatives score >= the target); margin = target score - best
+# negative score.
+SCORES_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("query_id", pa.int64()),
+        ("target_id", pa.int64()),
+        ("instruction_index", pa.int32()),  # position in the annotation's instructions
+        ("instruction", pa.string()),
+        ("scorer", pa.string()),  # e.g. channels:image_semantic+caption, mmret-clip:<model>
+        ("negatives", pa.list_(pa.int64())),  # the pair's hard negatives, then random ones
+        ("target_score", pa.float64()),  # composed score of (query image + instruction, target)
+        ("rank", pa.int32()),  # the target's rank by composed score (round trip)
+        ("margin", pa.float64()),
+        ("text_only_rank", pa.int32()),  # the target's rank with the instruction alone
+        ("image_only_rank", pa.int32()),  # the target's rank with the query image alone
+        ("text_shortcut", pa.bool_()),  # the instruction alone ranks the target first
+        ("image_shortcut", pa.bool_()),  # the image alone ranks it first, the instruction not
+        ("false_negative_ids", pa.list_(pa.int64())),  # hard negatives scoring >= the target
+        ("judge_verdict", pa.string()),  # yes | no; null without a judge or when it failed
+        ("judge_reason", pa.string()),
+        ("judge_model", pa.string()),
+    ]
+)
+
+# Instructions the score stage could not score (e.g. an image without an embedding).
+SCORE_FAILURES_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("query_id", pa.int64()),
+        ("target_id", pa.int64()),
+        ("instruction_index", pa.int32()),
+        ("instruction", pa.string()),
+        ("scorer", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
 # The released MegaPairs schema (q_img, q_text, t_img, hns) first, then our columns.
 DATASET_SCHEMA = pa.schema(
     [
@@ -147,6 +192,32 @@ DATASET_SCHEMA = pa.schema(
         *PROVENANCE_FIELDS,
     ]
 )
+
+# Columns export appends after DATASET_SCHEMA's when the score stage has scored the part (a
+# part without scores keeps DATASET_SCHEMA exactly). The instruction_* / *_shortcuts /
+# judge_* lists are aligned with q_text (the instructions export.filter kept); an
+# instruction without a score row has nulls there.
+DATASET_SCORE_FIELDS = [
+    ("scorer", pa.string()),  # the score stage's scorer (null: no instruction was scored)
+    ("instruction_target_scores", pa.list_(pa.float64())),  # composed score of the target
+    ("instruction_ranks", pa.list_(pa.int32())),  # the target's rank, 1 = first (round trip)
+    ("instruction_margins", pa.list_(pa.float64())),  # target score - best negative score
+    ("instruction_text_only_ranks", pa.list_(pa.int32())),  # rank with the instruction alone
+    ("instruction_image_only_ranks", pa.list_(pa.int32())),  # rank with the query image alone
+    ("text_shortcuts", pa.list_(pa.bool_())),  # the instruction alone ranks the target first
+    ("image_shortcuts", pa.list_(pa.bool_())),  # the query image alone ranks it first
+    ("judge_verdicts", pa.list_(pa.string())),  # yes | no | null (no judge, or it failed)
+    ("judge_reasons", pa.list_(pa.string())),
+    ("judge_model", pa.string()),  # the judge of the first judged instruction
+    # the mined hard negatives that scored >= the target under a kept instruction; with
+    # export.filter.drop_false_negatives they are no longer in hard_negative_ids / hns
+    ("false_negative_ids", pa.list_(pa.int64())),
+    # below-window neighbours export added in their place (the end of hard_negative_ids)
+    ("topped_up_negative_ids", pa.list_(pa.int64())),
+    # "rule: instruction" of each instruction export.filter removed (rules: gate.RULES)
+    ("gate_dropped_instructions", pa.list_(pa.string())),
+]
+SCORED_DATASET_SCHEMA = pa.schema([*DATASET_SCHEMA, *DATASET_SCORE_FIELDS])
 
 
 def record_id(part: int, position: int) -> int:

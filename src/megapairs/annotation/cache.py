@@ -61,9 +61,16 @@ class AnswerCache:
     """The finished answers (and final failures) of one part, loaded from disk and
     appended in chunks; `quarantined` counts the chunks that did not open."""
 
-    def __init__(self, run: RunDir, part: str, key: CacheKey, flush_every: int) -> None:
+    def __init__(
+        self,
+        run: RunDir,
+        part: str,
+        key: CacheKey,
+        flush_every: int,
+        folder: str = ANNOTATION_CACHE_DIR,
+    ) -> None:
         self.run = run
-        self.folder = run.folder(ANNOTATION_CACHE_DIR) / part
+        self.folder = run.folder(folder) / part  # (the score stage's judge: judge_cache/)
         self.key = key
         self.flush_every = flush_every
         self.entries: dict[tuple[str, str], Completion | BackendError] = {}

@@ -13,9 +13,19 @@ Image paths, by `export.images`:
 - `reference`: the absolute source paths; records whose bytes exist only in the run's
   image store (tar or Parquet input) cannot be referenced and need `copy`.
 
-A finished part is exported again when its shard is gone or the annotate stage has
-re-run it since (its annotated/failed counts differ from the ones exported:
-`stale_parts`, which the runner honours).
+A finished part is exported again when its shard is gone, the annotate stage has re-run
+it since (a digest of its annotation files differs from the one exported) or its scores
+changed (`stale_parts`, which the runner honours).
+
+The quality gate: when the score stage has finished a part (`scores/part-N.parquet` and its
+marker), each row also carries its scores (`DATASET_SCORE_FIELDS`, lists aligned with
+`q_text`) and `export.filter` applies (rules in `dataset/gate.py`): failing instructions
+leave `q_text`, flagged false negatives leave `hns` (topped up from the query's
+below-window neighbours), and a pair left without instructions goes to
+`rejects/export-part-N.parquet` (id: the query, key: the pair id, reason `gate:<rule>`).
+The part's counts add up: annotated = rows + gate_rejected_pairs, instructions_in =
+instructions_kept + the dropped_* counts. A part without scores is exported as before, and
+refused while a rule is on.
 
 `dataset/dataset_info.json` (columns, image root, per-part counts, config provenance)
 is written once all parts are done (`finalize`, on the driver), from the finished
@@ -29,6 +39,7 @@ import hashlib
 import json
 import os
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +48,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from megapairs.config import PipelineConfig
-from megapairs.corpus.store import load_image_bytes, read_corpus
+from megapairs.corpus.store import load_image_bytes, read_corpus, rejects_path
+from megapairs.dataset.gate import (
+    ChannelNeighbours,
+    GatedPair,
+    ScoreRow,
+    below_window_candidates,
+    gate_counts,
+    gate_pair,
+    reject_reason,
+    rules_on,
+)
+from megapairs.neighbours.stage import neighbours_folder, neighbours_stage_name
 from megapairs.pipeline.stage import PartProgress, StageBase
 from megapairs.runs import (
     AnyPath,
@@ -63,11 +85,15 @@ from megapairs.schemas import (
     PAIRS_DIR,
     PART_STRIDE,
     PROVENANCE_FIELDS,
+    SCORED_DATASET_SCHEMA,
+    SCORES_DIR,
+    rejects_table,
 )
 
 STAGE_NAME = "export"
 ANNOTATE_STAGE = "annotate"
 MINE_STAGE = "mine"
+SCORE_STAGE = "score"
 INFO_FILE = "dataset_info.json"
 IMAGES_FOLDER = "images"
 RELEASED_COLUMNS = ("q_img", "q_text", "t_img", "hns")
@@ -91,6 +117,35 @@ PAIR_COLUMNS = [
 ]
 PROVENANCE_COLUMNS = [name for name, _ in PROVENANCE_FIELDS]
 ANNOTATION_COLUMNS = ["pair_id", "description", "instructions", *PROVENANCE_COLUMNS]
+# score settings that change the score rows: in export's config hash when score.enabled
+SCORE_SETTINGS = (
+    "score.enabled",
+    "score.scorer",
+    "score.model",
+    "score.image_channel",
+    "score.text_channel",
+    "score.text_weight",
+    "score.random_negatives",
+    "score.judge.enabled",
+    "score.judge.backend",
+    "score.judge.image_max_side",
+    *(
+        f"score.judge.endpoint.{name}"
+        for name in ("model", "temperature", "top_p", "max_tokens", "extra_body")
+    ),
+)
+# dataset list column -> the score row's field, one value per kept instruction
+SCORE_LISTS = {
+    "instruction_target_scores": "target_score",
+    "instruction_ranks": "rank",
+    "instruction_margins": "margin",
+    "instruction_text_only_ranks": "text_only_rank",
+    "instruction_image_only_ranks": "image_only_rank",
+    "text_shortcuts": "text_shortcut",
+    "image_shortcuts": "image_shortcut",
+    "judge_verdicts": "judge_verdict",
+    "judge_reasons": "judge_reason",
+}
 
 
 class ExportError(RuntimeError):
@@ -142,10 +197,14 @@ class ExportStage(StageBase):
     `dataset_info.json` once, over all parts (`finalize`)."""
 
     name = STAGE_NAME
-    config_sections = ("export",)
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
+
+    @property
+    def config_sections(self) -> tuple[str, ...]:
+        """`export` (its filter rules included), and the score settings when scoring is on."""
+        return ("export", *SCORE_SETTINGS) if self.config.score.enabled else ("export",)
 
     def plan(self, run: RunDir) -> list[str]:
         """The parts the annotate stage has finished."""
@@ -153,7 +212,8 @@ class ExportStage(StageBase):
 
     def stale_parts(self, run: RunDir) -> list[str]:
         """Finished parts to export again: their shard is gone, or the part's annotations
-        changed since (the annotate stage retried failures, or ran again with other models)."""
+        changed since (the annotate stage retried failures, or ran again with other models),
+        or its scores did (the score stage finished or redid it)."""
         recorded = run.part_counts(STAGE_NAME)
         return [p for p in self.plan(run) if p in recorded and self._stale(run, p, recorded[p])]
 
@@ -161,7 +221,9 @@ class ExportStage(StageBase):
         suffixes = [".parquet", ".jsonl"] if self.config.export.jsonl else [".parquet"]
         if not all(run.part_path(DATASET_DIR, part, s).exists() for s in suffixes):
             return True
-        return counts.get("annotations_sha256") != annotations_digest(run, part)
+        if counts.get("annotations_sha256") != annotations_digest(run, part):
+            return True
+        return counts.get("scores_sha256") != scores_digest(run, part)
 
     def setup(self, run: RunDir) -> CorpusIndex:
         """Read the whole corpus index once per worker: pairs reference records of any part."""
@@ -171,6 +233,10 @@ class ExportStage(StageBase):
         self, run: RunDir, part: str, state: CorpusIndex, progress: PartProgress
     ) -> dict[str, Any]:
         rows, failed = annotated_pairs(run, part)
+        annotated = rows.num_rows
+        gated = self._gate(run, part, rows)
+        if gated is not None:
+            rows = gated.rows
         records = state.lookup(referenced_ids(rows))
         folder = dataset_folder(run)
         if self.config.export.images == "copy":
@@ -180,18 +246,39 @@ class ExportStage(StageBase):
             paths = reference_paths(records, part)
         captions = dict(zip(records["id"].to_pylist(), records["caption"].to_pylist(), strict=True))
         table = dataset_table(rows, paths, captions)
+        if gated is not None:
+            table = with_score_columns(table, gated.columns)
         write_table(run.part_path(DATASET_DIR, part), table)
         if self.config.export.jsonl:
             write_jsonl(run.part_path(DATASET_DIR, part, ".jsonl"), table)
         # only counts that a resumed run reproduces (not how many images this run copied)
         counts = {
             "rows": table.num_rows,
-            "pairs": table.num_rows + failed,
+            "pairs": annotated + failed,
             "failed": failed,
             "images_referenced": records.num_rows,
             "annotations_sha256": annotations_digest(run, part),
         }
-        return counts
+        rejects = rejects_path(run, STAGE_NAME, part)
+        if gated is None:
+            rejects.unlink(missing_ok=True)  # from an earlier, scored export of this part
+            return counts
+        write_table(rejects, gated.rejects)
+        return {**counts, "annotated": annotated, **gated.counts, "scores_sha256": gated.digest}
+
+    def _gate(self, run: RunDir, part: str, rows: pa.Table) -> GatedRows | None:
+        """The part's rows through `export.filter` when the score stage finished it; None
+        (rows as they are) without scores, which a rule that is on refuses."""
+        scores = part_scores(run, part)
+        if scores is None:
+            if rules_on(self.config.export.filter):
+                raise ExportError(
+                    f"export.filter has rules on but the score stage has not finished {part}: "
+                    "run `megapairs score` (or synthesize with score.enabled=true) first, or "
+                    "switch the rules off"
+                )
+            return None
+        return gate_rows(run, part, rows, scores, self.config)
 
     def finalize(self, run: RunDir, counts: dict[str, dict[str, Any]]) -> None:
         """Write dataset_info.json from the finished parts (stage-wide, so only here)."""
@@ -205,6 +292,25 @@ def annotations_digest(run: RunDir, part: str) -> str:
         path = run.part_path(folder, part)
         digest.update(path.read_bytes() if path.exists() else b"")
     return digest.hexdigest()[:16]
+
+
+def scores_digest(run: RunDir, part: str) -> str | None:
+    """A digest of the part's score table, or None while the score stage has not finished
+    the part."""
+    path = run.part_path(SCORES_DIR, part)
+    if not run.is_done(SCORE_STAGE, part) or not path.exists():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def part_scores(run: RunDir, part: str) -> pa.Table | None:
+    """The part's score rows when the score stage has finished it, else None."""
+    if not run.is_done(SCORE_STAGE, part):
+        return None
+    path = run.part_path(SCORES_DIR, part)
+    if not path.exists():
+        raise ExportError(f"the score stage marked {part} done but {path} is missing")
+    return read_table(path)
 
 
 def dataset_folder(run: RunDir) -> AnyPath:
@@ -239,6 +345,170 @@ def referenced_ids(rows: pa.Table) -> np.ndarray:
     negatives = pc.list_flatten(rows["hard_negative_ids"])
     columns = [rows["query_id"], rows["target_id"], negatives]
     return np.unique(np.concatenate([np.asarray(c.to_numpy(), dtype=np.int64) for c in columns]))
+
+
+# a kept pair: the gate's outcome, its annotated instructions, its score rows
+Survivor = tuple[GatedPair, list[str], list[ScoreRow | None]]
+
+
+@dataclass(frozen=True)
+class GatedRows:
+    """A part's annotated pairs after the gate: the kept rows (instructions and hard
+    negatives as gated), their score columns, the rejected pairs and the counts."""
+
+    rows: pa.Table
+    columns: dict[str, list[Any]]
+    rejects: pa.Table
+    counts: dict[str, int]
+    digest: str | None
+
+
+def gate_rows(
+    run: RunDir, part: str, rows: pa.Table, scores: pa.Table, config: PipelineConfig
+) -> GatedRows:
+    """Apply `export.filter` to a part's annotated pairs with its score rows."""
+    aligned = align_scores(rows, scores, part)
+    pair_ids = rows["pair_id"].to_pylist()
+    queries, targets = rows["query_id"].to_pylist(), rows["target_id"].to_pylist()
+    negatives = rows["hard_negative_ids"].to_pylist()
+    flagged = {q for q, p in zip(queries, pair_ids, strict=True) if _any_flagged(aligned[p])}
+    candidates = NeighbourCandidates(run, part, config, sorted(flagged))
+    rules, limit = config.export.filter, config.mine.num_hard_negatives
+    least = rules.min_instructions or config.annotate.min_instructions
+    gated = [
+        gate_pair(q, t, ns, aligned[p], rules, candidates, limit, least)
+        for p, q, t, ns in zip(pair_ids, queries, targets, negatives, strict=True)
+    ]
+    texts = rows["instructions"].to_pylist()
+    survivors = [
+        (g, t, aligned[p]) for g, t, p in zip(gated, texts, pair_ids, strict=True) if not g.rejected
+    ]
+    return GatedRows(
+        rows=kept_rows(rows, gated, survivors),
+        columns=score_columns(survivors),
+        rejects=gate_rejects(rows, gated),
+        counts=gate_counts(gated),
+        digest=scores_digest(run, part),
+    )
+
+
+def kept_rows(rows: pa.Table, gated: list[GatedPair], survivors: list[Survivor]) -> pa.Table:
+    """The rows of the pairs the gate kept, with its instructions and hard negatives."""
+    kept = rows.filter(pa.array([not g.rejected for g in gated], pa.bool_()))
+    instructions = [[t[i] for i in g.kept] for g, t, _ in survivors]
+    kept = _replace(kept, "instructions", pa.array(instructions, pa.list_(pa.string())))
+    negatives = pa.array([g.negatives for g, _, _ in survivors], pa.list_(pa.int64()))
+    return _replace(kept, "hard_negative_ids", negatives)
+
+
+def _any_flagged(scores: list[ScoreRow | None]) -> bool:
+    return any(s is not None and s["false_negative_ids"] for s in scores)
+
+
+def _replace(table: pa.Table, name: str, column: pa.Array) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, column)
+
+
+def align_scores(rows: pa.Table, scores: pa.Table, part: str) -> dict[str, list[ScoreRow | None]]:
+    """pair id -> one score row (or None: not scored) per annotated instruction; refuses
+    rows of another pair or instruction text (scores older than the annotations)."""
+    texts = dict(zip(rows["pair_id"].to_pylist(), rows["instructions"].to_pylist(), strict=True))
+    aligned: dict[str, list[ScoreRow | None]] = {p: [None] * len(t) for p, t in texts.items()}
+    for score in scores.to_pylist():
+        pair, index = score["pair_id"], score["instruction_index"]
+        listed = texts.get(pair)
+        if listed is None or not 0 <= index < len(listed) or listed[index] != score["instruction"]:
+            raise ExportError(
+                f"{part}: the score of pair {pair} instruction {index} is not of the part's "
+                "annotations (scored before the annotate stage re-ran): re-run the score stage "
+                "for this part"
+            )
+        if aligned[pair][index] is not None:
+            raise ExportError(f"{part}: pair {pair} instruction {index} is scored twice")
+        aligned[pair][index] = score
+    return aligned
+
+
+class NeighbourCandidates:
+    """query id -> its below-window neighbours over the enabled channels (mining's top-up
+    order), read once from the part's neighbours tables, for the queries `needed`."""
+
+    def __init__(self, run: RunDir, part: str, config: PipelineConfig, needed: list[int]) -> None:
+        self.run, self.part, self.config, self.needed = run, part, config, needed
+        self.lists: dict[int, list[ChannelNeighbours]] | None = None
+
+    def __call__(self, query_id: int) -> list[int]:
+        if self.lists is None:
+            self.lists = self._read()
+        return below_window_candidates(query_id, self.lists.get(query_id, []))
+
+    def _read(self) -> dict[int, list[ChannelNeighbours]]:
+        from megapairs.mining.stage import stage_windows
+
+        lists: dict[int, list[ChannelNeighbours]] = defaultdict(list)
+        try:
+            windows = stage_windows(self.run, self.config)  # as mined (auto: as recorded)
+        except FileNotFoundError as err:
+            raise ExportError(f"drop_false_negatives tops up below the windows: {err}") from None
+        for channel, window in windows.items():
+            for row in self._table(channel).to_pylist():
+                lists[row["id"]].append(
+                    ChannelNeighbours(row["neighbour_ids"] or [], row["scores"] or [], window)
+                )
+        return lists
+
+    def _table(self, channel: str) -> pa.Table:
+        path = self.run.part_path(neighbours_folder(channel), self.part)
+        if not self.run.is_done(neighbours_stage_name(channel), self.part) or not path.exists():
+            raise ExportError(
+                f"drop_false_negatives needs {path} (the query's neighbours) to top up hard "
+                f"negatives; {neighbours_stage_name(channel)} has not finished {self.part}"
+            )
+        columns = ["id", "neighbour_ids", "scores"]
+        return read_table(path, columns, filters=[("id", "in", self.needed)])
+
+
+def score_columns(survivors: list[Survivor]) -> dict[str, list[Any]]:
+    """DATASET_SCORE_FIELDS values of the kept pairs (gate outcome, instructions, scores)."""
+    columns: dict[str, list[Any]] = defaultdict(list)
+    for gated, texts, scores in survivors:
+        kept = [scores[i] for i in gated.kept]
+        for name, key in SCORE_LISTS.items():
+            columns[name].append([s[key] if s is not None else None for s in kept])
+        columns["scorer"].append(_first(scores, "scorer"))
+        columns["judge_model"].append(_first(kept, "judge_model"))
+        columns["false_negative_ids"].append(gated.false_negatives)
+        columns["topped_up_negative_ids"].append(gated.topped_up)
+        dropped = [f"{d.rule}: {texts[d.index]}" for d in gated.dropped]
+        columns["gate_dropped_instructions"].append(dropped)
+    return dict(columns)
+
+
+def _first(scores: list[ScoreRow | None], key: str) -> Any:
+    return next((s[key] for s in scores if s is not None and s[key] is not None), None)
+
+
+def gate_rejects(rows: pa.Table, gated: list[GatedPair]) -> pa.Table:
+    """REJECTS_SCHEMA rows of the pairs the gate left with too few instructions (fewer than
+    `annotate.min_instructions`): id = the query, key = the pair id."""
+    rejected = [i for i, g in enumerate(gated) if g.rejected]
+    taken = rows.take(pa.array(rejected, pa.int64()))
+    pair_ids = taken["pair_id"].to_pylist()
+    reasons, details = [], []
+    for pair, index in zip(pair_ids, rejected, strict=True):
+        reason, detail = reject_reason(gated[index].dropped)
+        reasons.append(reason)
+        details.append(f"pair {pair}: {detail}")
+    table = rejects_table(taken["query_id"].to_pylist(), STAGE_NAME, reasons, details)
+    return _replace(table, "key", pa.array(pair_ids, pa.string()))
+
+
+def with_score_columns(table: pa.Table, columns: dict[str, list[Any]]) -> pa.Table:
+    """`table` (DATASET_SCHEMA) with the score columns appended: SCORED_DATASET_SCHEMA."""
+    for field in SCORED_DATASET_SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.array(columns.get(field.name, []), field.type))
+    return table
 
 
 def relative_paths(records: pa.Table) -> list[str]:
@@ -387,11 +657,15 @@ TRANSPORT_SETTINGS = {
 }
 
 
-def shareable_config(config: PipelineConfig) -> dict[str, Any]:
-    """The config sections that made the dataset, without server addresses or key names."""
-    data = config.model_dump(mode="json", include={"seed", "mine", "annotate", "export"})
-    for role in ("describer", "instructor"):
-        endpoint = data["annotate"][role]
+def shareable_config(config: PipelineConfig, scored: bool = False) -> dict[str, Any]:
+    """The config sections that made the dataset (`score` too when it is `scored`), without
+    server addresses or key names."""
+    sections = {"seed", "mine", "annotate", "export"} | ({"score"} if scored else set())
+    data = config.model_dump(mode="json", include=sections)
+    endpoints = [data["annotate"][role] for role in ("describer", "instructor")]
+    if scored:
+        endpoints.append(data["score"]["judge"]["endpoint"])
+    for endpoint in endpoints:
         for name in TRANSPORT_SETTINGS:
             endpoint.pop(name, None)
     return data
@@ -408,9 +682,12 @@ def write_dataset_info(
     for counts in parts.values():
         totals.update({k: v for k, v in counts.items() if isinstance(v, int)})
     suffixes = [".parquet", ".jsonl"] if config.export.jsonl else [".parquet"]
+    scored = [part for part, counts in parts.items() if "scores_sha256" in counts]
+    schema = SCORED_DATASET_SCHEMA if scored else DATASET_SCHEMA
+    hashed = ("channels", "mine", "annotate", "export", *(SCORE_SETTINGS if scored else ()))
     info = {
         "format": "megapairs",
-        "columns": DATASET_SCHEMA.names,
+        "columns": schema.names,
         "released_columns": list(RELEASED_COLUMNS),
         "image_root": ".",
         "images": config.export.images,
@@ -419,8 +696,9 @@ def write_dataset_info(
         "pending_parts": pending,
         "counts": dict(totals),
         "parts": parts,
-        "config": shareable_config(config),
-        "config_hash": config.section_hash("channels", "mine", "annotate", "export"),
+        "scored_parts": scored,  # parts with score columns (the others: DATASET_SCHEMA)
+        "config": shareable_config(config, scored=bool(scored)),
+        "config_hash": config.section_hash(*hashed),
         "versions": environment_versions(),
         "updated_at": now_iso(),
     }

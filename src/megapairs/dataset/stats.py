@@ -1,6 +1,8 @@
 """Counts and distributions of an exported dataset (ours or the released layout), and, with
-its run directory, the annotation failures, the instructions the checks dropped (by reason) and
-the per-part balance pairs = annotated + failed.
+its run directory, the annotation failures, the instructions the checks dropped (by reason),
+the score stage's distributions (ranks, margins, shortcuts, false negatives, judge verdicts),
+what export's quality gate removed (per rule, from its counts and rejects) and the per-part
+balance pairs = annotated + failed, annotated = exported + gate-rejected.
 
 Quantiles are nearest-rank (the smallest value with at least that share of the values at or
 below it), so they are values that occur. Channel combinations
@@ -19,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from megapairs.corpus.store import rejects_path
+from megapairs.dataset.gate import DROP_COUNTS
 from megapairs.dataset.validate import dataset_files
 from megapairs.runs import (
     AnyPath,
@@ -38,10 +42,24 @@ from megapairs.schemas import (
     DATASET_DIR,
     DATASET_SCHEMA,
     PAIRS_DIR,
+    REJECTS_SCHEMA,
+    SCORES_DIR,
+    SCORES_SCHEMA,
 )
 
 ANNOTATE_STAGE = "annotate"
 EXPORT_STAGE = "export"
+SCORE_STAGE = "score"
+SCORE_COLUMNS = [
+    "pair_id",
+    "rank",
+    "margin",
+    "text_shortcut",
+    "image_shortcut",
+    "false_negative_ids",
+    "judge_verdict",
+]
+MARGIN_QUANTILES = {"min": 0.0, "p10": 0.1, "median": 0.5, "p90": 0.9, "max": 1.0}
 PROVENANCE_COLUMNS = ("backend", "describer_model", "instructor_model", "prompt_version")
 RELEASED_COLUMNS = ("q_img", "q_text", "t_img", "hns")
 STAT_COLUMNS = [*RELEASED_COLUMNS, "channels", "hard_negative_ids"]
@@ -123,20 +141,63 @@ class DroppedStats:
 
 
 @dataclass(frozen=True)
+class ScoreStats:
+    """The score stage's rows of its finished parts: one per annotated instruction."""
+
+    instructions: int
+    pairs: int
+    ranks: Summary  # the target's rank among its negatives (1: first)
+    margins: dict[str, float]  # MARGIN_QUANTILES names -> nearest-rank quantile
+    text_shortcuts: int
+    image_shortcuts: int
+    with_false_negatives: int  # instructions flagging at least one hard negative
+    false_negatives: int  # flagged ids over all instructions
+    pairs_with_false_negatives: int
+    judge: dict[str, int]  # verdict -> instructions; "" when not judged
+
+    def share(self, count: int) -> float:
+        return count / self.instructions if self.instructions else 0.0
+
+
+@dataclass(frozen=True)
+class GateStats:
+    """What export.filter removed in the finished export parts that had scores."""
+
+    parts: int
+    annotated: int  # pairs in
+    rows: int  # pairs exported
+    rejected_pairs: int
+    reject_reasons: dict[str, int]  # from rejects/export-part-N.parquet
+    instructions_in: int
+    instructions_kept: int
+    dropped: dict[str, int]  # gate rule -> instructions
+    false_negatives_removed: int
+    negatives_topped_up: int
+
+    @property
+    def balanced(self) -> bool:
+        instructions = self.instructions_in == self.instructions_kept + sum(self.dropped.values())
+        pairs = self.annotated == self.rows + self.rejected_pairs
+        return instructions and pairs and sum(self.reject_reasons.values()) == self.rejected_pairs
+
+
+@dataclass(frozen=True)
 class PartBalance:
-    """Pairs in, annotated and failed of one finished annotate part (and rows exported)."""
+    """Pairs in, annotated and failed of one finished annotate part (and rows exported,
+    pairs the export gate rejected)."""
 
     part: str
     pairs: int
     annotated: int
     failed: int
     exported: int | None  # None: the export stage has not finished this part
+    gate_rejected: int = 0
 
     @property
     def balanced(self) -> bool:
         return self.pairs == self.annotated + self.failed and self.exported in (
             None,
-            self.annotated,
+            self.annotated - self.gate_rejected,
         )
 
 
@@ -159,6 +220,8 @@ class DatasetStats:
     failures: FailureStats | None = None
     dropped: DroppedStats | None = None
     parts: list[PartBalance] = field(default_factory=list)
+    scores: ScoreStats | None = None  # None: no finished score part
+    gate: GateStats | None = None  # None: no finished export part had scores
 
 
 @dataclass
@@ -217,6 +280,8 @@ def dataset_stats(path: AnyPath | str, run: RunDir | None = None) -> DatasetStat
         failures=failure_stats(run) if run else None,
         dropped=dropped_stats(run) if run else None,
         parts=part_balance(run) if run else [],
+        scores=score_stats(run) if run else None,
+        gate=gate_stats(run) if run else None,
     )
 
 
@@ -321,9 +386,76 @@ def dropped_stats(run: RunDir) -> DroppedStats:
     )
 
 
+def score_stats(run: RunDir) -> ScoreStats | None:
+    """Distributions of the finished score parts' rows; None when there are none."""
+    paths = run.files(SCORES_DIR, SCORE_STAGE)
+    if not paths:
+        return None
+    table = concat_tables(paths, SCORES_SCHEMA, SCORE_COLUMNS)
+    flagged = pc.fill_null(pc.list_value_length(table["false_negative_ids"]), 0)
+    with_flags = table.filter(pc.greater(flagged, 0))
+    verdicts = Counter(v or "" for v in table["judge_verdict"].to_pylist())
+    return ScoreStats(
+        instructions=table.num_rows,
+        pairs=_count_distinct(table["pair_id"]),
+        ranks=Summary(dict(sorted(_value_counts(table["rank"]).items()))),
+        margins=margin_quantiles(table["margin"]),
+        text_shortcuts=_true(table["text_shortcut"]),
+        image_shortcuts=_true(table["image_shortcut"]),
+        with_false_negatives=with_flags.num_rows,
+        false_negatives=int(pc.sum(flagged).as_py() or 0),
+        pairs_with_false_negatives=_count_distinct(with_flags["pair_id"]),
+        judge=dict(sorted(verdicts.items(), key=lambda item: (-item[1], item[0]))),
+    )
+
+
+def _count_distinct(column: pa.ChunkedArray) -> int:
+    return int(pc.count_distinct(column).as_py() or 0)
+
+
+def _true(column: pa.ChunkedArray) -> int:
+    return int(pc.sum(pc.fill_null(column, False).cast(pa.int64())).as_py() or 0)
+
+
+def margin_quantiles(margins: pa.ChunkedArray) -> dict[str, float]:
+    """Nearest-rank quantiles (MARGIN_QUANTILES) of the finite margins; {} without any."""
+    values = np.sort(pc.drop_null(margins).to_numpy(zero_copy_only=False).astype(np.float64))
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return {}
+    ranks = {k: max(1, math.ceil(share * len(values))) for k, share in MARGIN_QUANTILES.items()}
+    return {k: float(values[rank - 1]) for k, rank in ranks.items()}
+
+
+def gate_stats(run: RunDir) -> GateStats | None:
+    """export.filter's removals in the finished export parts that had scores (their counts
+    and rejects/export-part-N.parquet); None when no such part."""
+    parts = {p: c for p, c in run.part_counts(EXPORT_STAGE).items() if "scores_sha256" in c}
+    if not parts:
+        return None
+    totals: Counter[str] = Counter()
+    for counts in parts.values():
+        totals.update({k: v for k, v in counts.items() if isinstance(v, int)})
+    paths = [path for p in parts if (path := rejects_path(run, EXPORT_STAGE, p)).exists()]
+    reasons = Counter(concat_tables(paths, REJECTS_SCHEMA, ["reason"])["reason"].to_pylist())
+    return GateStats(
+        parts=len(parts),
+        annotated=totals["annotated"],
+        rows=totals["rows"],
+        rejected_pairs=totals["gate_rejected_pairs"],
+        reject_reasons=dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0]))),
+        instructions_in=totals["instructions_in"],
+        instructions_kept=totals["instructions_kept"],
+        dropped={rule: totals[key] for rule, key in DROP_COUNTS.items()},
+        false_negatives_removed=totals["dropped_false_negatives"],
+        negatives_topped_up=totals["topped_up_negatives"],
+    )
+
+
 def part_balance(run: RunDir) -> list[PartBalance]:
-    """Pairs, annotated, failed (and exported) rows of each finished annotate part."""
-    exported = set(run.done_parts(EXPORT_STAGE))
+    """Pairs, annotated, failed (and exported, gate-rejected) rows of each finished annotate
+    part."""
+    exported = run.part_counts(EXPORT_STAGE)
     balance = []
     for part in run.done_parts(ANNOTATE_STAGE):
         dataset = run.part_path(DATASET_DIR, part)
@@ -334,6 +466,7 @@ def part_balance(run: RunDir) -> list[PartBalance]:
                 annotated=parquet_rows(run.part_path(ANNOTATIONS_DIR, part)),
                 failed=parquet_rows(run.part_path(ANNOTATION_FAILURES_DIR, part)),
                 exported=parquet_rows(dataset) if part in exported and dataset.exists() else None,
+                gate_rejected=exported.get(part, {}).get("gate_rejected_pairs", 0),
             )
         )
     return balance
@@ -358,6 +491,10 @@ def format_stats(stats: DatasetStats) -> str:
         lines += _failure_lines(stats.failures)
     if stats.dropped is not None:
         lines += _dropped_lines(stats.dropped)
+    if stats.scores is not None:
+        lines += _score_lines(stats.scores)
+    if stats.gate is not None:
+        lines += _gate_lines(stats.gate)
     if stats.parts:
         lines += _balance_lines(stats.parts)
     return "\n".join(lines)
@@ -399,17 +536,55 @@ def _dropped_lines(dropped: DroppedStats) -> list[str]:
     return lines
 
 
+def _score_lines(scores: ScoreStats) -> list[str]:
+    lines = [
+        f"scores (finished score parts): {scores.instructions} instructions, {scores.pairs} pairs"
+    ]
+    lines += _summary_lines("  rank of the target", scores.ranks)
+    margins = ", ".join(f"{k} {v:.3f}" for k, v in scores.margins.items()) or "-"
+    lines.append(f"  margin: {margins}")
+    lines.append(
+        f"  shortcuts: text {scores.text_shortcuts} ({scores.share(scores.text_shortcuts):.0%}),"
+        f" image {scores.image_shortcuts} ({scores.share(scores.image_shortcuts):.0%})"
+    )
+    lines.append(
+        f"  false negatives: {scores.false_negatives} flagged by {scores.with_false_negatives} "
+        f"instructions ({scores.share(scores.with_false_negatives):.0%}) of "
+        f"{scores.pairs_with_false_negatives} pairs"
+    )
+    lines.append(f"  judge: {_counts(scores.judge)}")
+    return lines
+
+
+def _gate_lines(gate: GateStats) -> list[str]:
+    dropped = ", ".join(f"{rule} {n}" for rule, n in gate.dropped.items() if n) or "none"
+    lines = [
+        f"gate (export.filter, {gate.parts} scored parts): {gate.instructions_in} instructions "
+        f"in, {gate.instructions_kept} kept; dropped: {dropped}",
+        f"  pairs: {gate.annotated} annotated, {gate.rows} exported, {gate.rejected_pairs} "
+        f"rejected ({_counts(gate.reject_reasons)})",
+        f"  hard negatives: {gate.false_negatives_removed} false negatives removed, "
+        f"{gate.negatives_topped_up} topped up",
+    ]
+    if not gate.balanced:
+        lines.append("  MISMATCH: the gate's counts or rejects do not add up: re-run export")
+    return lines
+
+
 def _balance_lines(parts: list[PartBalance]) -> list[str]:
     lines = ["parts (pairs = annotated + failed):"]
     for p in parts:
         exported = "" if p.exported is None else f", {p.exported} exported"
+        if p.gate_rejected:
+            exported += f", {p.gate_rejected} gate-rejected"
         line = f"  {p.part}: {p.pairs} pairs, {p.annotated} annotated, {p.failed} failed{exported}"
         lines.append(line if p.balanced else f"{line}  <- MISMATCH")
     unbalanced = [p.part for p in parts if not p.balanced]
     if unbalanced:
         lines.append(
             f"MISMATCH in {len(unbalanced)} parts ({', '.join(unbalanced)}): pairs != annotated + "
-            "failed (or exported != annotated); pairs were lost: re-run annotate/export there"
+            "failed (or exported != annotated - gate-rejected); pairs were lost: re-run "
+            "annotate/export there"
         )
     else:
         total = sum(p.pairs for p in parts)

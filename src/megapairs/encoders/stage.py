@@ -38,6 +38,7 @@ from megapairs.corpus.store import (
 from megapairs.embeddings import (
     EMBED_OUTPUT_SETTINGS,
     channel_folder,
+    channel_model_settings,
     embed_stage_name,
     write_shard,
 )
@@ -174,7 +175,7 @@ class EmbedStage(StageBase):
 
     @property
     def config_sections(self) -> tuple[str, ...]:
-        return (f"channels.{self.channel}", *EMBED_OUTPUT_SETTINGS)
+        return (*channel_model_settings(self.channel), *EMBED_OUTPUT_SETTINGS)
 
     def needs_actor(self) -> bool:
         """An encoder is costly to load: keep it in long-lived workers."""

@@ -31,6 +31,7 @@ from megapairs.embeddings import (
     EMBED_OUTPUT_SETTINGS,
     VECTORS_SUFFIX,
     channel_folder,
+    channel_model_settings,
     embed_stage_name,
     ids_path,
     read_shard,
@@ -132,7 +133,7 @@ class NeighboursStage(StageBase):
 
     @property
     def config_sections(self) -> tuple[str, ...]:
-        return (f"channels.{self.channel}", *EMBED_OUTPUT_SETTINGS, "neighbours", "seed")
+        return (*channel_model_settings(self.channel), *EMBED_OUTPUT_SETTINGS, "neighbours", "seed")
 
     def needs_actor(self) -> bool:
         """An opened index (GBs at scale) is costly to load: keep it per worker."""

@@ -13,6 +13,7 @@ BALANCES = (
     ("records", ("kept", "rejected")),  # ingest
     ("records", ("valid", "invalid")),  # ingest.decode
     ("pairs", ("annotated", "failed")),  # annotate
+    ("instructions", ("scored", "failed")),  # score
 )
 
 
@@ -23,6 +24,7 @@ EMPTY_INPUTS = {
     "embed": ("embedded", "embedded no record"),
     "mine": ("pairs", "mined no pairs; check the channels' similarity windows"),
     "annotate": ("pairs", "got no pairs to annotate"),
+    "score": ("instructions", "got no instructions to score"),
     "export": ("rows", "exported no rows"),
 }
 

@@ -26,9 +26,12 @@ from megapairs.schemas import (
     DECODED_DIR,
     EMBEDDINGS_DIR,
     IMAGES_DIR,
+    JUDGE_CACHE_DIR,
     NEIGHBOURS_DIR,
     PAIRS_DIR,
     REJECTS_DIR,
+    SCORE_FAILURES_DIR,
+    SCORES_DIR,
 )
 
 PROGRESS_DIR = "_progress"
@@ -56,7 +59,8 @@ STAGE_OUTPUTS: dict[str, StageOutputs] = {
     "neighbours": StageOutputs((f"{NEIGHBOURS_DIR}/{{channel}}",)),
     "mine": StageOutputs((PAIRS_DIR,), (f"{REJECTS_DIR}/mine-part-*.parquet",)),
     "annotate": StageOutputs((ANNOTATIONS_DIR, ANNOTATION_FAILURES_DIR, ANNOTATION_CACHE_DIR)),
-    "export": StageOutputs((DATASET_DIR,)),
+    "score": StageOutputs((SCORES_DIR, SCORE_FAILURES_DIR, JUDGE_CACHE_DIR)),
+    "export": StageOutputs((DATASET_DIR,), (f"{REJECTS_DIR}/export-part-*.parquet",)),
 }
 KINDS = tuple(STAGE_OUTPUTS)
 CHANNEL_KINDS = ("embed", "neighbours")  # stages named <kind>.<channel>, one per channel

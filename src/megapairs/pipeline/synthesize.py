@@ -7,7 +7,7 @@ from collections.abc import Callable
 from megapairs.config import PipelineConfig
 from megapairs.pipeline.stage import Stage
 
-STEPS = ("ingest", "embed", "neighbours", "mine", "annotate", "export")
+STEPS = ("ingest", "embed", "neighbours", "mine", "annotate", "score", "export")
 CHANNEL_STEPS = frozenset({"embed", "neighbours", "mine"})  # steps that need a channel
 
 
@@ -41,6 +41,12 @@ def annotate_stages(config: PipelineConfig, progress: bool) -> list[Stage]:
     return [AnnotateStage(config, progress)]
 
 
+def score_stages(config: PipelineConfig, progress: bool) -> list[Stage]:
+    from megapairs.quality.stage import ScoreStage
+
+    return [ScoreStage(config, progress)]
+
+
 def export_stages(config: PipelineConfig, progress: bool) -> list[Stage]:
     from megapairs.dataset.export import ExportStage
 
@@ -54,6 +60,7 @@ STAGE_BUILDERS: dict[str, Callable[[PipelineConfig, bool], list[Stage]]] = {
     "neighbours": neighbours_stages,
     "mine": mine_stages,
     "annotate": annotate_stages,
+    "score": score_stages,
     "export": export_stages,
 }
 
@@ -61,8 +68,12 @@ STAGE_BUILDERS: dict[str, Callable[[PipelineConfig, bool], list[Stage]]] = {
 def build_stages(
     config: PipelineConfig, steps: tuple[str, ...] = STEPS, progress: bool = True
 ) -> list[Stage]:
-    """The stages of the named steps, in pipeline order."""
+    """The stages of the named steps, in pipeline order; `score` among several steps only
+    when `score.enabled`."""
     if not config.enabled_channels() and set(steps) & CHANNEL_STEPS:
         raise ValueError("no channel is enabled; enable at least one under `channels`")
-    builders = [STAGE_BUILDERS[step] for step in STEPS if step in steps]
+    wanted = [step for step in STEPS if step in steps]
+    if len(wanted) > 1 and not config.score.enabled:  # the gate runs alone, or when enabled
+        wanted = [step for step in wanted if step != "score"]
+    builders = [STAGE_BUILDERS[step] for step in wanted]
     return [stage for build in builders for stage in build(config, progress)]
