@@ -1,13 +1,18 @@
-"""The quality gate measured: on the demo run, the instructions of 20% of the pairs are
-swapped with those of random other pairs; the score stage (the demo's own channel
-encoders as the composed scorer) and export's rules (round trip + image shortcuts) must
-flag the swapped instructions at least 3x as often as the intact ones."""
+"""The quality gate measured, and its scores independent of the process's threads.
+
+On the demo run, the instructions of 20% of the pairs are swapped with those of other
+pairs; the score stage (the demo's own channel encoders as the composed scorer) and
+export's rules (round trip + image shortcuts) must flag the swapped instructions at least
+3x as often as the intact ones."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from megapairs.cli import main
 from megapairs.config import FilterConfig
@@ -17,6 +22,32 @@ from megapairs.schemas import ANNOTATIONS_DIR, SCORES_DIR, SCORES_SCHEMA
 
 SWAPPED_SHARE = 0.2
 GATE = FilterConfig(max_rank=2, drop_shortcuts="image")  # the README's worked example
+
+
+@pytest.fixture(scope="module")
+def demo_copy(demo_run: RunDir, tmp_path_factory: pytest.TempPathFactory) -> RunDir:
+    """The demo run as built, before any test changes it."""
+    copy = tmp_path_factory.mktemp("copy") / "run"
+    shutil.copytree(demo_run.root, copy)
+    return RunDir(copy)
+
+
+def scores(run: RunDir) -> pa.Table:
+    return concat_tables(run.files(SCORES_DIR, "score"), SCORES_SCHEMA)
+
+
+def test_scores_do_not_depend_on_the_threads_of_the_process(demo_copy: RunDir) -> None:
+    """A Ray actor has one CPU, a local run several: the tables must be the same."""
+    other = demo_copy.root.parent / "other"
+    shutil.copytree(demo_copy.root, other)
+    threads = torch.get_num_threads()
+    try:
+        for count, root in ((2, demo_copy.root), (1, other)):
+            torch.set_num_threads(count)
+            assert main(["score", "--run", str(root), "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert scores(demo_copy).equals(scores(RunDir(other)))
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,9 +204,10 @@ class ScoreStage(StageBase):
         units = total * (2 if state.judge is not None else 1)
         scored = Scored()
         state.scorer.start_part()
-        for chunk in chunks(pairs, self.config.score.batch_size):
-            score_chunk(state.scorer, chunk, scored)
-            progress(len(scored.rows) + len(scored.failures), units)
+        with one_torch_thread():
+            for chunk in chunks(pairs, self.config.score.batch_size):
+                score_chunk(state.scorer, chunk, scored)
+                progress(len(scored.rows) + len(scored.failures), units)
         if state.judge is not None:
             self.judge_rows(run, part, state, scored, lambda done: progress(total + done, units))
         write_table(run.part_path(SCORES_DIR, part), rows_table(scored.rows, SCORES_SCHEMA))
@@ -399,3 +401,18 @@ def part_counts(pairs: list[PairWork], scored: Scored) -> dict[str, int]:
     }
     counts.update(sorted(scored.counts.items()))
     return counts
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Encode with one torch intra-op thread: with more, CPU kernels add in another order
+    and scores move in the last bits, so a part would score differently in a Ray actor
+    (one CPU) than in a process with several; with one, every runner gives one table."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
