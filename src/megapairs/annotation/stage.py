@@ -10,7 +10,6 @@ rate limits) and retries just those pairs; cached answers are not sent again.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from megapairs.annotation.backends.base import ROLES, AnnotatorBackend
+from megapairs.annotation.backends.transport import register_endpoint_secrets
 from megapairs.annotation.cache import AnswerCache, CacheKey
 from megapairs.annotation.flow import Annotator, Outcomes, PairJob, annotate_all
 from megapairs.annotation.images import CorpusLookup
@@ -26,7 +26,6 @@ from megapairs.annotation.prompts import PromptSet, load_prompts
 from megapairs.config import PipelineConfig
 from megapairs.mining.stage import STAGE_NAME as MINE_STAGE
 from megapairs.pipeline.stage import PartProgress, StageBase
-from megapairs.redaction import register_secret, strip_credentials
 from megapairs.runs import RunDir, read_table, write_table
 from megapairs.schemas import (
     ANNOTATION_FAILURES_DIR,
@@ -111,11 +110,7 @@ class AnnotateStage(StageBase):
         the API keys so that nothing the driver prints shows them."""
         self._prompts()
         for role in ROLES:
-            endpoint = getattr(self.config.annotate, role)
-            if endpoint.api_key_env:
-                register_secret(os.environ.get(endpoint.api_key_env))
-            for url in endpoint.base_urls:
-                strip_credentials(url)  # registers a password in the URL
+            register_endpoint_secrets(getattr(self.config.annotate, role))
 
     def problems(self, counts: dict[str, dict[str, Any]]) -> list[str]:
         """Parts whose every pair failed with a client error: a setting is wrong."""

@@ -61,6 +61,7 @@ from megapairs.dataset.gate import (
 )
 from megapairs.neighbours.stage import neighbours_folder, neighbours_stage_name
 from megapairs.pipeline.stage import PartProgress, StageBase
+from megapairs.quality.stage import SCORE_ROW_SETTINGS
 from megapairs.runs import (
     AnyPath,
     RunDir,
@@ -117,23 +118,6 @@ PAIR_COLUMNS = [
 ]
 PROVENANCE_COLUMNS = [name for name, _ in PROVENANCE_FIELDS]
 ANNOTATION_COLUMNS = ["pair_id", "description", "instructions", *PROVENANCE_COLUMNS]
-# score settings that change the score rows: in export's config hash when score.enabled
-SCORE_SETTINGS = (
-    "score.enabled",
-    "score.scorer",
-    "score.model",
-    "score.image_channel",
-    "score.text_channel",
-    "score.text_weight",
-    "score.random_negatives",
-    "score.judge.enabled",
-    "score.judge.backend",
-    "score.judge.image_max_side",
-    *(
-        f"score.judge.endpoint.{name}"
-        for name in ("model", "temperature", "top_p", "max_tokens", "extra_body")
-    ),
-)
 # dataset list column -> the score row's field, one value per kept instruction
 SCORE_LISTS = {
     "instruction_target_scores": "target_score",
@@ -204,7 +188,7 @@ class ExportStage(StageBase):
     @property
     def config_sections(self) -> tuple[str, ...]:
         """`export` (its filter rules included), and the score settings when scoring is on."""
-        return ("export", *SCORE_SETTINGS) if self.config.score.enabled else ("export",)
+        return ("export", *SCORE_ROW_SETTINGS) if self.config.score.enabled else ("export",)
 
     def plan(self, run: RunDir) -> list[str]:
         """The parts the annotate stage has finished."""
@@ -684,7 +668,7 @@ def write_dataset_info(
     suffixes = [".parquet", ".jsonl"] if config.export.jsonl else [".parquet"]
     scored = [part for part, counts in parts.items() if "scores_sha256" in counts]
     schema = SCORED_DATASET_SCHEMA if scored else DATASET_SCHEMA
-    hashed = ("channels", "mine", "annotate", "export", *(SCORE_SETTINGS if scored else ()))
+    hashed = ("channels", "mine", "annotate", "export", *(SCORE_ROW_SETTINGS if scored else ()))
     info = {
         "format": "megapairs",
         "columns": schema.names,

@@ -23,7 +23,6 @@ be read). A negative without a vector or image is left out of `negatives` (count
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from megapairs.annotation.backends.base import AnnotatorBackend
+from megapairs.annotation.backends.transport import register_endpoint_secrets
 from megapairs.annotation.images import CorpusLookup
 from megapairs.annotation.stage import OUTPUT_SETTINGS as ANNOTATE_SETTINGS
 from megapairs.annotation.stage import STAGE_NAME as ANNOTATE_STAGE
@@ -54,7 +54,6 @@ from megapairs.quality.judge import (
 from megapairs.quality.negatives import pair_negatives
 from megapairs.quality.rules import Assessment, assess
 from megapairs.quality.scorers import Scorer
-from megapairs.redaction import register_secret, strip_credentials
 from megapairs.runs import RunDir, read_table, write_table
 from megapairs.schemas import (
     ANNOTATIONS_DIR,
@@ -75,8 +74,11 @@ SCORE_SETTINGS = (
     "score.random_negatives",
     "score.device",
 )
-# what changes the stage's output: its inputs' settings, the scorer's and the judge's
-OUTPUT_SETTINGS = (*ANNOTATE_SETTINGS, *EMBED_OUTPUT_SETTINGS, *SCORE_SETTINGS, *JUDGE_SETTINGS)
+# what the score rows depend on besides their inputs: the scorer's and the judge's settings
+# (export hashes these too when it reads the rows)
+SCORE_ROW_SETTINGS = (*SCORE_SETTINGS, *JUDGE_SETTINGS)
+# what changes the stage's output: its inputs' settings and the score rows' own
+OUTPUT_SETTINGS = (*ANNOTATE_SETTINGS, *EMBED_OUTPUT_SETTINGS, *SCORE_ROW_SETTINGS)
 
 JUDGE_COUNTS = (
     "judged",
@@ -163,11 +165,7 @@ class ScoreStage(StageBase):
 
     def prepare(self, run: RunDir) -> None:
         """Register the judge's key and URL passwords so nothing printed shows them."""
-        endpoint = self.config.score.judge.endpoint
-        if self.config.score.judge.enabled and endpoint.api_key_env:
-            register_secret(os.environ.get(endpoint.api_key_env))
-        for url in endpoint.base_urls:
-            strip_credentials(url)
+        register_endpoint_secrets(self.config.score.judge.endpoint)
 
     def problems(self, counts: dict[str, dict[str, Any]]) -> list[str]:
         """Parts where the judge server refused every instruction: a setting is wrong."""

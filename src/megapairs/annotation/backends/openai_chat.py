@@ -51,7 +51,6 @@ import base64
 import contextlib
 import email.utils
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -81,7 +80,12 @@ from megapairs.annotation.backends.probe import (
     new_probe,
 )
 from megapairs.annotation.backends.servers import Server, ServerPool, ServerStats
-from megapairs.annotation.backends.transport import check_transport, route_text
+from megapairs.annotation.backends.transport import (
+    check_transport,
+    endpoint_key,
+    register_endpoint_secrets,
+    route_text,
+)
 from megapairs.annotation.checks import strip_reasoning
 from megapairs.annotation.types import (
     BackendError,
@@ -93,7 +97,7 @@ from megapairs.annotation.types import (
     SetupError,
 )
 from megapairs.config import AnnotateConfig, EndpointConfig
-from megapairs.redaction import redact, register_secret
+from megapairs.redaction import redact
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +150,7 @@ class OpenAIBackend:
         self.config = config
         self._endpoints: dict[Role, EndpointConfig] = {r: getattr(config, r) for r in roles}
         for role, endpoint in self._endpoints.items():
-            key = api_key(endpoint)
-            register_secret(key)
+            key = register_endpoint_secrets(endpoint)
             for url in endpoint.base_urls:
                 check_transport(f"annotate.{role}", url, bool(key), endpoint.allow_insecure)
         self._pools = {role: server_pool(role, ep) for role, ep in self._endpoints.items()}
@@ -260,7 +263,7 @@ class OpenAIBackend:
     async def _attempt(self, role: Role, body: dict[str, Any]) -> Completion:
         """One HTTP attempt on a server of `role`: the answer, or `_AttemptFailed`."""
         endpoint, state = self._endpoints[role], self._loop_state()
-        key = api_key(endpoint)
+        key = endpoint_key(endpoint)
         headers = auth_headers(key)
         async with _server_slot(self._pools[role], state.slots) as server:
             url = chat_url(server.url)
@@ -356,7 +359,7 @@ def check_server(
     be reached; raises `SetupError` when it refuses the key, answers another error, lists
     other models only, or is not an http(s) URL (it never will be)."""
     url = base_url.rstrip("/") + "/models"
-    key = api_key(endpoint)
+    key = endpoint_key(endpoint)
     try:
         response = client.get(url, headers=auth_headers(key))
     except (httpx.InvalidURL, httpx.UnsupportedProtocol) as err:
@@ -393,11 +396,6 @@ def served_models(response: httpx.Response) -> list[str]:
         return [str(item["id"]) for item in response.json().get("data", [])]
     except (ValueError, TypeError, KeyError, AttributeError):
         return []
-
-
-def api_key(endpoint: EndpointConfig) -> str:
-    """The endpoint's API key from the environment ("" when unset)."""
-    return os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
 
 
 def auth_headers(key: str) -> dict[str, str]:
@@ -469,7 +467,7 @@ def _probe_answer(
         "temperature": 0.0,
         "max_tokens": max_tokens or endpoint.max_tokens,
     }
-    key = api_key(endpoint)
+    key = endpoint_key(endpoint)
     problem = ""
     for _ in range(PROBE_TRIES):
         try:

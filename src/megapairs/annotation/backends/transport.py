@@ -5,6 +5,7 @@
 - `environment_proxy(url)`: the proxy the environment names for `url` (`HTTP_PROXY`,
   `HTTPS_PROXY`, `ALL_PROXY`, honouring `NO_PROXY`), as the HTTP client will use it,
   without credentials; None when requests go direct.
+- `register_endpoint_secrets(endpoint)`: the key and URL passwords redacted from now on.
 - `check_transport(...)`: refuses (`SetupError`) to send a key over plain http to a host
   that is not this machine, unless the endpoint sets `allow_insecure`, and then warns once.
 """
@@ -13,15 +14,32 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import urllib.request
 from urllib.parse import urlsplit
 
 from megapairs.annotation.types import SetupError
-from megapairs.redaction import strip_credentials
+from megapairs.config import EndpointConfig
+from megapairs.redaction import register_secret, strip_credentials
 
 logger = logging.getLogger(__name__)
 
 _WARNED: set[str] = set()  # URLs already warned about (once per process)
+
+
+def endpoint_key(endpoint: EndpointConfig) -> str:
+    """The endpoint's API key from the environment ("" when unset)."""
+    return os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
+
+
+def register_endpoint_secrets(endpoint: EndpointConfig) -> str:
+    """Register the endpoint's key and any password in its URLs with `megapairs.redaction`,
+    so nothing printed or stored shows them; returns the key."""
+    key = endpoint_key(endpoint)
+    register_secret(key)
+    for url in endpoint.base_urls:
+        strip_credentials(url)  # registers a password in the URL
+    return key
 
 
 def is_loopback(host: str) -> bool:
