@@ -173,6 +173,17 @@ def test_a_text_only_describer_fails_the_probe_before_any_pair(
     assert "cannot see images" in err and "annotate.describer.probe=false" in err
 
 
+def test_the_probe_sends_the_endpoints_extra_body(fixture_run: FixtureRun, tmp_path: Path) -> None:
+    extra = {"chat_template_kwargs": {"enable_thinking": False}}
+    with ChatServer() as server:
+        config = write_config(tmp_path, server.base_url, describer={"extra_body": extra})
+        assert annotate_cli(fixture_run.run, config) == 0
+        probes = [body for body in server.bodies if is_probe(body)]
+    assert len(probes) == 2  # with the images, then the text alone
+    assert all(body["chat_template_kwargs"] == extra["chat_template_kwargs"] for body in probes)
+    assert all(body["temperature"] == 0.0 for body in probes)
+
+
 def test_a_describer_that_drops_the_images_of_pairs_fails_them_as_images_ignored(
     fixture_run: FixtureRun, tmp_path: Path
 ) -> None:

@@ -409,6 +409,7 @@ def setup_hint(role: Role, endpoint: EndpointConfig) -> dict[int, str]:
 
 
 PROBE_TRIES = 3  # a probe that meets a 5xx or a dropped connection is sent again
+PROBE_SEED = 0
 
 
 def probe_describer(endpoint: EndpointConfig, urls: list[str]) -> PromptFloor | None:
@@ -460,13 +461,10 @@ def _probe_answer(
     where: str,
     max_tokens: int | None = None,
 ) -> Completion:
-    """The answer to one probe request (tried again on a 5xx or a dropped connection)."""
-    body: dict[str, Any] = {
-        "model": endpoint.model,
-        "messages": [to_openai_message(m) for m in messages],
-        "temperature": 0.0,
-        "max_tokens": max_tokens or endpoint.max_tokens,
-    }
+    """The answer to one probe request (tried again on a 5xx or a dropped connection): the
+    endpoint's own body (`extra_body` too: a server may need its fields), greedy."""
+    body = chat_body(endpoint, messages, PROBE_SEED)
+    body.update(temperature=0.0, max_tokens=max_tokens or endpoint.max_tokens)
     key = endpoint_key(endpoint)
     problem = ""
     for _ in range(PROBE_TRIES):
@@ -489,13 +487,20 @@ def _probe_answer(
 
 def request_body(endpoint: EndpointConfig, request: PromptRequest) -> dict[str, Any]:
     """The chat-completions JSON body of `request`; `extra_body` fields win."""
+    return chat_body(endpoint, request.messages, request.seed)
+
+
+def chat_body(
+    endpoint: EndpointConfig, messages: tuple[ChatMessage, ...], seed: int
+) -> dict[str, Any]:
+    """A chat-completions JSON body with the endpoint's sampling; `extra_body` fields win."""
     body: dict[str, Any] = {
         "model": endpoint.model,
-        "messages": [to_openai_message(m) for m in request.messages],
+        "messages": [to_openai_message(m) for m in messages],
         "temperature": endpoint.temperature,
         "top_p": endpoint.top_p,
         "max_tokens": endpoint.max_tokens,
-        "seed": request.seed,
+        "seed": seed,
     }
     body.update(endpoint.extra_body)
     return body
