@@ -11,7 +11,7 @@ file without ground truth as released) and a random CLIP (`bench_eval.save_tiny_
    keyed by split encoded them a second time here);
 3. val again, cached.
 
-It also times the cache key alone (`entry_key`: the digests of the gallery and of its
+It also times the cache key alone (`gallery_key`: the digests of the gallery and of its
 files' size and mtime), which every lookup pays. Prints a Markdown report with the
 machine, the command and the date, and writes it to `--results`.
 
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from bench_eval import machine, save_tiny_clip, write_data_root
 
-from megapairs.evaluation.cache import DECODE_WORKERS, checkpoint_key, entry_key
+from megapairs.evaluation.cache import DECODE_WORKERS, checkpoint_key, gallery_key
 from megapairs.evaluation.evaluator import evaluate
 from megapairs.evaluation.loaders import load_benchmark
 from megapairs.models.base import build_retriever
@@ -94,7 +94,7 @@ def key_seconds(root: Path, model: Path, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        entry_key(task.gallery, task.name, "circo", "val", retriever, checkpoint_key(model))
+        gallery_key(task.gallery, retriever, checkpoint_key(model))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -21,7 +21,6 @@ from megapairs.evaluation.cache import (
     ImageDecodeError,
     checkpoint_key,
     encode_items,
-    entry_key,
     expand_to_square,
     file_digest,
     find_undecodable,
@@ -280,10 +279,17 @@ def test_key_fields_and_preprocessing(tmp_path: Path) -> None:
         },
         "max_text_length": 77,
     }
-    labels = entry_key(
-        task.gallery, "other/name", "bench", "test", ProcessingRetriever(32), "model@1"
-    )
-    assert labels == key  # name, benchmark and split are labels, not key
+    labelled = GalleryCache(tmp_path / "labels")  # name, benchmark and split only label
+    for name, split in (("circo/val", "val"), ("other/name", "test")):
+        labelled.embed_items(
+            task.gallery,
+            name=name,
+            benchmark="bench",
+            split=split,
+            retriever=ProcessingRetriever(32),
+            model_key="model@1",
+        )
+    assert [event.status for event in labelled.events] == ["computed", "hit"]
     assert preprocessing_key(CountingRetriever()) == {}
     exposing = CountingRetriever()
     exposing.preprocessing_key = "pad-square-224"  # type: ignore[attr-defined]

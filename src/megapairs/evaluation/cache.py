@@ -399,19 +399,6 @@ def gallery_key(items: Sequence[Candidate], retriever: Retriever, model_key: str
     }
 
 
-def entry_key(
-    items: Sequence[Candidate],
-    name: str,
-    benchmark: str,
-    split: str,
-    retriever: Retriever,
-    model_key: str,
-) -> dict[str, Any]:
-    """`gallery_key(items, retriever, model_key)`; `name`, `benchmark` and `split` are
-    accepted as the evaluator passes them but are not part of the key."""
-    return gallery_key(items, retriever, model_key)
-
-
 @dataclass(frozen=True)
 class CacheEvent:
     """What one lookup did: `hit` (all rows read), `computed` or `resumed` (some chunks

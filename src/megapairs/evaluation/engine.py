@@ -43,8 +43,8 @@ from megapairs.evaluation.cache import (
     GalleryCache,
     ImageDecodeError,
     encode_items,
-    entry_key,
     find_undecodable,
+    gallery_key,
     undecodable_report,
 )
 from megapairs.evaluation.loaders.base import drop_images
@@ -159,11 +159,12 @@ class EvalContext:
                 items, encode, self.batch_size, workers=self.workers, on_batch=bar.update
             )
 
-    def has_cached(self, items: Sequence[Candidate], name: str, task: EvalTask) -> bool:
-        """Whether the cache holds the embeddings of `items` (as `embed_candidates` names them)."""
+    def has_cached(self, items: Sequence[Candidate]) -> bool:
+        """Whether the cache holds the embeddings of `items` (keyed by their content, not by
+        the task that asks)."""
         if self.cache is None:
             return False
-        key = entry_key(items, name, task.benchmark, task.split, self.retriever, self.model_key)
+        key = gallery_key(items, self.retriever, self.model_key)
         return self.cache.has_entry(key, [item.id for item in items])
 
     def embed_queries(self, queries: Sequence[EvalQuery]) -> np.ndarray:
@@ -209,9 +210,8 @@ def _images_to_encode(task: EvalTask, context: EvalContext) -> list[ImageRef]:
     """The images of `task` that evaluating it decodes: its queries', and its gallery's or
     candidates' unless the cache holds their embeddings."""
     items = task.gallery or tuple(_distinct_candidates(task.queries)[0])
-    name = task.name if task.gallery else f"{task.name}/candidates"
     images = [query.image for query in task.queries]
-    if not context.has_cached(items, name, task):
+    if not context.has_cached(items):
         images += [item.image for item in items]
     return [image for image in images if image is not None]
 
