@@ -19,9 +19,9 @@ from typing import Any
 
 from megapairs.evaluation import metrics as M
 from megapairs.evaluation import submissions as S
-from megapairs.evaluation.loaders import circo, cirr, fashioniq, genecis, mmeb
-from megapairs.evaluation.loaders.base import LOADERS, LoaderSettings
-from megapairs.evaluation.types import BenchmarkDataError, EvalTask, TaskOutput
+from megapairs.evaluation.loaders import circo, cirr, fashioniq, genecis, load_benchmark, mmeb
+from megapairs.evaluation.loaders.base import LoaderSettings
+from megapairs.evaluation.types import EvalTask, TaskOutput
 
 Scorer = Callable[[Sequence[TaskOutput]], dict[str, Any]]
 Submitter = Callable[[Sequence[TaskOutput], Path], list[Path]]
@@ -52,10 +52,7 @@ class Benchmark:
         self, data_root: Path, split: str, settings: Mapping[str, Any] | None = None
     ) -> list[EvalTask]:
         """The tasks of `split` read from `data_root` (see the loader's module)."""
-        root = Path(data_root)
-        if not root.is_dir():
-            raise BenchmarkDataError(f"{self.name} data root {root} is not a folder")
-        return LOADERS.get(self.name)(root, split, dict(settings or {}))
+        return load_benchmark(self.name, data_root, split, settings)
 
 
 def _circo_metrics(outputs: Sequence[TaskOutput]) -> dict[str, Any]:
