@@ -33,8 +33,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "setup: installing $TORCH_PIN"
     "$PY" -m pip install --quiet "$TORCH_PIN"
 fi
-echo "setup: installing megapairs with the demo and test extras"
-"$PY" -m pip install --quiet -e ".[demo,test,dev]"
+echo "setup: installing megapairs with the demo, explore and test extras"
+"$PY" -m pip install --quiet -e ".[demo,explore,test,dev]"
 if "$PY" -c "import torchvision" 2>/dev/null && ! "$PY" -c "import torchvision.ops" 2>/dev/null; then
     echo "setup: warning: a torchvision that does not match torch is installed; transformers" \
         "will fail to import it. Remove it: $PY -m pip uninstall -y torchvision" >&2

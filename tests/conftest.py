@@ -2,6 +2,7 @@
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,3 +49,11 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def explore_demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished demo run (240 images, two parts, template annotations, exported), built once."""
+    from explore_fixtures import build_explore_demo_run
+
+    return build_explore_demo_run(tmp_path_factory.mktemp("explore-demo") / "run")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from megapairs import __version__
 from megapairs.config import ConfigError, PipelineConfig, load_config
+from megapairs.explore.search_command import add_search_command
+from megapairs.explore.server import add_explore_command
 from megapairs.pipeline import RUNNERS
 
 EPILOG = """examples:
@@ -23,6 +25,9 @@ EPILOG = """examples:
   megapairs stats runs/photos
   megapairs summary --run runs/photos
   megapairs reset --run runs/photos --stage annotate   # redo annotate (and export)
+  megapairs explore --run runs/photos                  # web page: see, search, flag pairs
+  megapairs search --run runs/photos --image 1000033 --text "the same scene at night"
+  megapairs export --run runs/photos --exclude-flagged # the dataset without flagged pairs
   megapairs synthesize --config configs/paper.yaml --input s3://corpus/shards/ \
       --run s3://runs/paper --runner ray --ray-address auto     # on a Ray cluster
 A command re-run on the same --run resumes: finished parts are skipped.
@@ -77,6 +82,24 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_exclude_flagged_option(parser: argparse.ArgumentParser) -> None:
+    """`--exclude-flagged` / `--no-exclude-flagged`: export.exclude_flagged for this run."""
+    parser.add_argument(
+        "--exclude-flagged",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="leave flagged pairs and instructions (megapairs explore) out of the dataset "
+        "(sets export.exclude_flagged, kept in the run's config; --no-exclude-flagged puts "
+        "them back)",
+    )
+
+
+def exclude_flagged_override(args: argparse.Namespace) -> list[str]:
+    """The override `--exclude-flagged` (or its `--no-` form) asks for; none without it."""
+    chosen = getattr(args, "exclude_flagged", None)
+    return [] if chosen is None else [f"export.exclude_flagged={str(chosen).lower()}"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megapairs",
@@ -103,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in helps.items():
         step = commands.add_parser(name, help=text, description=text)
         add_run_options(step)
+        if name in ("export", "synthesize"):
+            add_exclude_flagged_option(step)
         step.set_defaults(handler=partial(run_steps, steps=STEP_COMMANDS[name]))
     demo = commands.add_parser("demo", help="offline demo on a generated corpus")
     demo.set_defaults(handler=cmd_demo)
@@ -123,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(commands)
     add_reset_command(commands)
     add_calibrate_command(commands)
+    add_explore_command(commands)
+    add_search_command(commands)
     summary = commands.add_parser("summary", help="print what a run holds")
     summary.add_argument("--run", required=True, help="run directory or object-store URL")
     summary.add_argument("--examples", type=int, default=5, help="example pairs to show")
@@ -370,6 +397,7 @@ def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> int:
 
     if args.ray_address and args.runner != "ray":
         raise ConfigError("--ray-address needs --runner ray")
+    args.overrides = [*args.overrides, *exclude_flagged_override(args)]
     config = resolve_config(args)
     run = RunDir(args.run)
     runner = build_runner(args.runner, run, config, not args.quiet, args.ray_address)

@@ -287,6 +287,9 @@ class ExportConfig(Section):
     images: Literal["copy", "reference"] = "copy"  # copy into dataset/images, or absolute paths
     jsonl: bool = True  # also write part-N.jsonl beside each Parquet shard
     filter: FilterConfig = FilterConfig()
+    # leave flagged pairs and instructions (megapairs explore) out; not hashed: toggling it
+    # on a finished run re-exports the parts whose flags differ from the exported ones
+    exclude_flagged: bool = Field(False, json_schema_extra={"hashed": False})
 
 
 class RunnerConfig(Section):
@@ -335,10 +338,33 @@ class PipelineConfig(Section):
     def section_hash(self, *sections: str) -> str:
         """A short digest of the named sections (dotted paths such as `channels.caption`),
         to detect a changed config on resume."""
-        data = self.model_dump(mode="json")
+        data = hashed_dump(self)
         picked = {name: _lookup(data, name) for name in sections}
         text = json.dumps(picked)  # order matters: channel order decides the pairs
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def hashed_dump(model: BaseModel) -> dict[str, Any]:
+    """`model` as JSON data without the fields marked `json_schema_extra={"hashed": False}`
+    (settings that do not change a stage's output, such as export.exclude_flagged, whose
+    effect the stage tracks itself)."""
+    return _drop_unhashed(model, model.model_dump(mode="json"))
+
+
+def _drop_unhashed(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    for name, info in type(model).model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get("hashed") is False:
+            data.pop(name, None)
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            _drop_unhashed(value, data[name])
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, BaseModel):
+                    _drop_unhashed(item, data[name][key])
+    return data
 
 
 def _lookup(data: dict[str, Any], dotted: str) -> Any:

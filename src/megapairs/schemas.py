@@ -28,6 +28,7 @@ DATASET_DIR = "dataset"
 SCORES_DIR = "scores"
 SCORE_FAILURES_DIR = "score_failures"
 JUDGE_CACHE_DIR = "judge_cache"
+FLAGS_DIR = "flags"  # curation flags (megapairs explore): one JSON file per event
 
 CORPUS_SCHEMA = pa.schema(
     [

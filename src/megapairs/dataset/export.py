@@ -14,8 +14,16 @@ Image paths, by `export.images`:
   image store (tar or Parquet input) cannot be referenced and need `copy`.
 
 A finished part is exported again when its shard is gone, the annotate stage has re-run
-it since (a digest of its annotation files differs from the one exported) or its scores
-changed (`stale_parts`, which the runner honours).
+it since (a digest of its annotation files differs from the one exported), its scores
+changed, or, with `export.exclude_flagged`, the flags on its pairs did (`stale_parts`, which
+the runner honours).
+
+Curation flags (`dataset/flags.py`), with `export.exclude_flagged`: applied to the annotated
+pairs before the gate (so the gate's scores stay aligned with the instructions left): a
+flagged pair goes to `rejects/export-part-N.parquet` (reason `flagged`); a flagged instruction
+leaves `q_text` while its text is still the flagged one (else the flag is stale, counted and
+ignored), and a pair left with fewer than `annotate.min_instructions` goes to the rejects as
+`flagged_instructions`. annotated = rows + gate_rejected_pairs + flag_rejected_pairs.
 
 The quality gate: when the score stage has finished a part (`scores/part-N.parquet` and its
 marker), each row also carries its scores (`DATASET_SCORE_FIELDS`, lists aligned with
@@ -49,6 +57,7 @@ import pyarrow.compute as pc
 
 from megapairs.config import PipelineConfig
 from megapairs.corpus.store import load_image_bytes, read_corpus, rejects_path
+from megapairs.dataset.flags import ActiveFlags, FlagEvent, FlagStore
 from megapairs.dataset.gate import (
     ChannelNeighbours,
     GatedPair,
@@ -197,15 +206,24 @@ class ExportStage(StageBase):
     def stale_parts(self, run: RunDir) -> list[str]:
         """Finished parts to export again: their shard is gone, or the part's annotations
         changed since (the annotate stage retried failures, or ran again with other models),
-        or its scores did (the score stage finished or redid it)."""
+        or its scores did (the score stage finished or redid it), or the flags to apply did
+        (flags changed under `exclude_flagged`, or it was switched on or off)."""
         recorded = run.part_counts(STAGE_NAME)
-        return [p for p in self.plan(run) if p in recorded and self._stale(run, p, recorded[p])]
+        flags = FlagStore(run).active() if self.config.export.exclude_flagged else None
+        return [
+            p for p in self.plan(run) if p in recorded and self._stale(run, p, recorded[p], flags)
+        ]
 
-    def _stale(self, run: RunDir, part: str, counts: dict[str, Any]) -> bool:
+    def _stale(
+        self, run: RunDir, part: str, counts: dict[str, Any], flags: ActiveFlags | None
+    ) -> bool:
         suffixes = [".parquet", ".jsonl"] if self.config.export.jsonl else [".parquet"]
         if not all(run.part_path(DATASET_DIR, part, s).exists() for s in suffixes):
             return True
         if counts.get("annotations_sha256") != annotations_digest(run, part):
+            return True
+        flags_digest = flags.for_part(part).digest() if flags is not None else None
+        if counts.get("flags_sha256") != flags_digest:
             return True
         return counts.get("scores_sha256") != scores_digest(run, part)
 
@@ -218,7 +236,10 @@ class ExportStage(StageBase):
     ) -> dict[str, Any]:
         rows, failed = annotated_pairs(run, part)
         annotated = rows.num_rows
-        gated = self._gate(run, part, rows)
+        flagged = self._flags(run, part, rows)
+        if flagged is not None:
+            rows = flagged.rows
+        gated = self._gate(run, part, rows, flagged)
         if gated is not None:
             rows = gated.rows
         records = state.lookup(referenced_ids(rows))
@@ -242,18 +263,32 @@ class ExportStage(StageBase):
             "failed": failed,
             "images_referenced": records.num_rows,
             "annotations_sha256": annotations_digest(run, part),
+            "annotated": annotated,
+            "flags_sha256": flagged.digest if flagged is not None else None,
         }
-        rejects = rejects_path(run, STAGE_NAME, part)
+        write_rejects(run, part, gated, flagged)
+        if flagged is not None:
+            counts = {**counts, **flagged.counts}
         if gated is None:
-            rejects.unlink(missing_ok=True)  # from an earlier, scored export of this part
             return counts
-        write_table(rejects, gated.rejects)
-        return {**counts, "annotated": annotated, **gated.counts, "scores_sha256": gated.digest}
+        return {**counts, **gated.counts, "scores_sha256": gated.digest}
 
-    def _gate(self, run: RunDir, part: str, rows: pa.Table) -> GatedRows | None:
+    def _flags(self, run: RunDir, part: str, rows: pa.Table) -> FlaggedRows | None:
+        """The part's rows with its active flags applied under `export.exclude_flagged`;
+        None (rows as they are) otherwise."""
+        if not self.config.export.exclude_flagged:
+            return None
+        flags = FlagStore(run).active().for_part(part)
+        return apply_flags(rows, flags, self.config.annotate.min_instructions)
+
+    def _gate(
+        self, run: RunDir, part: str, rows: pa.Table, flagged: FlaggedRows | None
+    ) -> GatedRows | None:
         """The part's rows through `export.filter` when the score stage finished it; None
         (rows as they are) without scores, which a rule that is on refuses."""
         scores = part_scores(run, part)
+        if scores is not None and flagged is not None:
+            scores = flagged.scores(scores)
         if scores is None:
             if rules_on(self.config.export.filter):
                 raise ExportError(
@@ -267,6 +302,39 @@ class ExportStage(StageBase):
     def finalize(self, run: RunDir, counts: dict[str, dict[str, Any]]) -> None:
         """Write dataset_info.json from the finished parts (stage-wide, so only here)."""
         write_dataset_info(run, self.config, counts)
+
+    def problems(self, counts: dict[str, dict[str, Any]]) -> list[str]:
+        """Parts whose pairs do not add up (pairs = annotated + failed, annotated = rows +
+        gate-rejected + left out for flags), one sentence each."""
+        return [
+            f"export {part}: {c['pairs']} pairs = {c['annotated']} annotated + {c['failed']} "
+            f"failed, and annotated = {c['rows']} rows + {c.get('gate_rejected_pairs', 0)} "
+            f"gate-rejected + {c.get('flag_rejected_pairs', 0)} left out for flags, do not "
+            "add up: re-run export"
+            for part, c in sorted(counts.items())
+            if "annotated" in c and not part_balances(c)
+        ]
+
+
+def part_balances(counts: dict[str, Any]) -> bool:
+    """Whether an export part's counts add up: pairs = annotated + failed = rows + pairs the
+    gate rejected + pairs flags left out + failed."""
+    out = counts["rows"] + counts.get("gate_rejected_pairs", 0)
+    out += counts.get("flag_rejected_pairs", 0)
+    return counts["pairs"] == counts["annotated"] + counts["failed"] and counts["annotated"] == out
+
+
+def write_rejects(
+    run: RunDir, part: str, gated: GatedRows | None, flagged: FlaggedRows | None
+) -> None:
+    """rejects/export-part-N.parquet: the pairs flags left out, then those the gate rejected;
+    removed when the part was neither gated nor flagged (an earlier export's file)."""
+    path = rejects_path(run, STAGE_NAME, part)
+    tables = [t.rejects for t in (flagged, gated) if t is not None]
+    if gated is None and not (flagged is not None and flagged.rejects.num_rows):
+        path.unlink(missing_ok=True)
+        return
+    write_table(path, pa.concat_tables(tables))
 
 
 def annotations_digest(run: RunDir, part: str) -> str:
@@ -329,6 +397,118 @@ def referenced_ids(rows: pa.Table) -> np.ndarray:
     negatives = pc.list_flatten(rows["hard_negative_ids"])
     columns = [rows["query_id"], rows["target_id"], negatives]
     return np.unique(np.concatenate([np.asarray(c.to_numpy(), dtype=np.int64) for c in columns]))
+
+
+@dataclass(frozen=True)
+class FlaggedRows:
+    """A part's annotated pairs with its active flags applied: the rows left (flagged
+    instructions removed), the pairs left out as rejects, what left, the counts."""
+
+    rows: pa.Table
+    rejects: pa.Table
+    removed: dict[str, list[int]]  # kept pair id -> indices of the instructions taken out
+    rejected: set[str]  # pair ids left out
+    counts: dict[str, int]
+    digest: str | None  # of the part's active flags
+
+    def scores(self, scores: pa.Table) -> pa.Table:
+        """The part's score rows for the rows left: those of left-out pairs and removed
+        instructions dropped, the others' instruction_index renumbered to match."""
+        if not self.removed and not self.rejected:
+            return scores
+        keep, indices = [], []
+        pairs, listed = scores["pair_id"].to_pylist(), scores["instruction_index"].to_pylist()
+        for pair, index in zip(pairs, listed, strict=True):
+            gone = self.removed.get(pair, [])
+            keep.append(pair not in self.rejected and index not in gone)
+            indices.append(index - sum(g < index for g in gone))
+        position = scores.schema.get_field_index("instruction_index")
+        kind = scores.schema.field(position).type
+        renumbered = scores.set_column(position, "instruction_index", pa.array(indices, kind))
+        return renumbered.filter(pa.array(keep, pa.bool_()))
+
+
+def apply_flags(rows: pa.Table, flags: ActiveFlags, min_instructions: int) -> FlaggedRows:
+    """Leave flagged pairs out (`flagged`), take flagged instructions out while their text is
+    unchanged (else the flag is stale), and leave out a pair that keeps fewer than
+    `min_instructions` (`flagged_instructions`)."""
+    by_pair: dict[str, dict[int, FlagEvent]] = defaultdict(dict)
+    for (pair, index), flag in flags.instructions.items():
+        by_pair[pair][index] = flag
+    pair_ids = rows["pair_id"].to_pylist()
+    decisions = [
+        decide_pair(listed, flags.pairs.get(pair), by_pair.get(pair, {}), min_instructions)
+        for pair, listed in zip(pair_ids, rows["instructions"].to_pylist(), strict=True)
+    ]
+    kept = [d for d in decisions if d.reject is None]
+    table = rows.filter(pa.array([d.reject is None for d in decisions], pa.bool_()))
+    texts = pa.array([d.left for d in kept], pa.list_(pa.string()))
+    rejected = {p: d.reject for p, d in zip(pair_ids, decisions, strict=True) if d.reject}
+    return FlaggedRows(
+        rows=_replace(table, "instructions", texts),
+        rejects=flag_rejects(rows, decisions),
+        removed={p: d.gone for p, d in zip(pair_ids, decisions, strict=True) if d.removes},
+        rejected=set(rejected),
+        counts={
+            "flagged_pairs": sum(reason == "flagged" for reason, _ in rejected.values()),
+            "flagged_instructions": sum(len(d.gone) for d in decisions if d.pair_flag is None),
+            "flag_rejected_pairs": len(rejected),
+            "stale_flags": sum(d.stale for d in decisions),
+        },
+        digest=flags.digest(),
+    )
+
+
+@dataclass(frozen=True)
+class FlagDecision:
+    """What the flags do to one annotated pair."""
+
+    left: list[str]  # the instructions left
+    gone: list[int]  # indices of the flagged instructions taken out
+    stale: int  # instruction flags whose text is no longer at their index
+    pair_flag: FlagEvent | None
+    reject: tuple[str, str] | None  # (reason, detail) when the pair is left out
+
+    @property
+    def removes(self) -> bool:
+        """Kept, with instructions taken out."""
+        return self.reject is None and bool(self.gone)
+
+
+def decide_pair(
+    listed: list[str],
+    pair_flag: FlagEvent | None,
+    flags: dict[int, FlagEvent],
+    min_instructions: int,
+) -> FlagDecision:
+    """Apply a pair's whole-pair flag and instruction flags to its instructions."""
+    current = {i: f for i, f in flags.items() if i < len(listed) and listed[i] == f.instruction}
+    left = [text for i, text in enumerate(listed) if i not in current]
+    reject = None
+    if pair_flag is not None:
+        reject = ("flagged", f"flagged by {pair_flag.user}: {pair_flag.reason}")
+    elif current and len(left) < min_instructions:
+        who = "; ".join(f"{f.user}: {f.reason}" for _, f in sorted(current.items()))
+        detail = (
+            f"{len(current)} of {len(listed)} instructions flagged ({who}); {len(left)} left, "
+            f"fewer than annotate.min_instructions ({min_instructions})"
+        )
+        reject = ("flagged_instructions", detail)
+    return FlagDecision(left, sorted(current), len(flags) - len(current), pair_flag, reject)
+
+
+def flag_rejects(rows: pa.Table, decisions: list[FlagDecision]) -> pa.Table:
+    """REJECTS_SCHEMA rows of the pairs flags left out: id = the query, key = the pair id."""
+    order = [row for row, d in enumerate(decisions) if d.reject is not None]
+    taken = rows.take(pa.array(order, pa.int64()))
+    reasons = [decisions[row].reject for row in order]
+    table = rejects_table(
+        taken["query_id"].to_pylist(),
+        STAGE_NAME,
+        [r[0] for r in reasons if r],
+        [r[1] for r in reasons if r],
+    )
+    return _replace(table, "key", pa.array(taken["pair_id"].to_pylist(), pa.string()))
 
 
 # a kept pair: the gate's outcome, its annotated instructions, its score rows
@@ -643,7 +823,7 @@ TRANSPORT_SETTINGS = {
 
 def shareable_config(config: PipelineConfig, scored: bool = False) -> dict[str, Any]:
     """The config sections that made the dataset (`score` too when it is `scored`), without
-    server addresses or key names."""
+    server addresses or key names (nor `export.exclude_flagged` while it is off)."""
     sections = {"seed", "mine", "annotate", "export"} | ({"score"} if scored else set())
     data = config.model_dump(mode="json", include=sections)
     endpoints = [data["annotate"][role] for role in ("describer", "instructor")]
@@ -652,6 +832,8 @@ def shareable_config(config: PipelineConfig, scored: bool = False) -> dict[str, 
     for endpoint in endpoints:
         for name in TRANSPORT_SETTINGS:
             endpoint.pop(name, None)
+    if not config.export.exclude_flagged:  # (a dataset made without flags: as before them)
+        data["export"].pop("exclude_flagged")
     return data
 
 

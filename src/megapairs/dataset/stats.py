@@ -1,8 +1,9 @@
 """Counts and distributions of an exported dataset (ours or the released layout), and, with
 its run directory, the annotation failures, the instructions the checks dropped (by reason),
 the score stage's distributions (ranks, margins, shortcuts, false negatives, judge verdicts),
-what export's quality gate removed (per rule, from its counts and rejects) and the per-part
-balance pairs = annotated + failed, annotated = exported + gate-rejected.
+what export's quality gate removed (per rule, from its counts and rejects), the curation
+flags (by reason and user, and how many exported rows are flagged pairs) and the per-part
+balance pairs = annotated + failed, annotated = exported + gate-rejected + left out by flags.
 
 Quantiles are nearest-rank (the smallest value with at least that share of the values at or
 below it), so they are values that occur. Channel combinations
@@ -22,7 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from megapairs.corpus.store import rejects_path
-from megapairs.dataset.gate import DROP_COUNTS
+from megapairs.dataset.flags import FlagStore
+from megapairs.dataset.gate import DROP_COUNTS, REJECT_PREFIX
 from megapairs.dataset.validate import dataset_files
 from megapairs.runs import (
     AnyPath,
@@ -62,7 +64,7 @@ SCORE_COLUMNS = [
 MARGIN_QUANTILES = {"min": 0.0, "p10": 0.1, "median": 0.5, "p90": 0.9, "max": 1.0}
 PROVENANCE_COLUMNS = ("backend", "describer_model", "instructor_model", "prompt_version")
 RELEASED_COLUMNS = ("q_img", "q_text", "t_img", "hns")
-STAT_COLUMNS = [*RELEASED_COLUMNS, "channels", "hard_negative_ids"]
+STAT_COLUMNS = [*RELEASED_COLUMNS, "channels", "hard_negative_ids", "pair_id"]
 HISTOGRAM_BINS = 10
 BAR_WIDTH = 30
 
@@ -167,18 +169,33 @@ class GateStats:
     annotated: int  # pairs in
     rows: int  # pairs exported
     rejected_pairs: int
-    reject_reasons: dict[str, int]  # from rejects/export-part-N.parquet
+    reject_reasons: dict[str, int]  # gate:<rule> rows of rejects/export-part-N.parquet
     instructions_in: int
     instructions_kept: int
     dropped: dict[str, int]  # gate rule -> instructions
     false_negatives_removed: int
     negatives_topped_up: int
+    flag_rejected: int = 0  # pairs curation flags left out before the gate
 
     @property
     def balanced(self) -> bool:
         instructions = self.instructions_in == self.instructions_kept + sum(self.dropped.values())
-        pairs = self.annotated == self.rows + self.rejected_pairs
+        pairs = self.annotated == self.rows + self.rejected_pairs + self.flag_rejected
         return instructions and pairs and sum(self.reject_reasons.values()) == self.rejected_pairs
+
+
+@dataclass(frozen=True)
+class FlagStats:
+    """The run's curation flags in force, and what they mean for its dataset."""
+
+    summary: dict[str, Any]  # ActiveFlags.summary()
+    flagged_rows: int  # exported rows whose pair is flagged (0 after --exclude-flagged)
+    left_out_pairs: int  # pairs the finished export parts left out for flags
+    dropped_instructions: int  # flagged instructions they took out
+
+    @property
+    def active(self) -> int:
+        return self.summary["flagged_pairs"] + self.summary["flagged_instructions"]
 
 
 @dataclass(frozen=True)
@@ -192,12 +209,13 @@ class PartBalance:
     failed: int
     exported: int | None  # None: the export stage has not finished this part
     gate_rejected: int = 0
+    flag_rejected: int = 0  # left out for curation flags (export.exclude_flagged)
 
     @property
     def balanced(self) -> bool:
         return self.pairs == self.annotated + self.failed and self.exported in (
             None,
-            self.annotated - self.gate_rejected,
+            self.annotated - self.gate_rejected - self.flag_rejected,
         )
 
 
@@ -222,12 +240,15 @@ class DatasetStats:
     parts: list[PartBalance] = field(default_factory=list)
     scores: ScoreStats | None = None  # None: no finished score part
     gate: GateStats | None = None  # None: no finished export part had scores
+    flags: FlagStats | None = None  # None: not a run's dataset
 
 
 @dataclass
 class _Tally:
     """Counters filled file by file."""
 
+    flagged: frozenset[str] = frozenset()  # flagged pair ids, to count their rows
+    flagged_rows: int = 0
     rows: int = 0
     queries: list[pa.Array] = field(default_factory=list)
     targets: list[pa.Array] = field(default_factory=list)
@@ -246,6 +267,9 @@ class _Tally:
         self.instructions.update(_value_counts(pc.list_value_length(table["q_text"])))
         self.words.update(_value_counts(word_counts(table["q_text"])))
         self.negatives.update(_value_counts(mined_negatives(table)))
+        if self.flagged and "pair_id" in names:
+            flagged = pa.array(sorted(self.flagged), pa.string())
+            self.flagged_rows += _true(pc.is_in(table["pair_id"], value_set=flagged))
         if "channels" in names:
             self.channels.update(_value_counts(pc.list_flatten(table["channels"])))
             self.combinations.update(channel_combinations(table["channels"]))
@@ -260,10 +284,11 @@ def dataset_stats(path: AnyPath | str, run: RunDir | None = None) -> DatasetStat
     path = as_path(path)
     files, _twins = dataset_files(path)
     base = path if path.is_dir() else path.parent
-    tally = _Tally()
+    run = run if run is not None else run_of(path)
+    active = FlagStore(run).active() if run else None
+    tally = _Tally(flagged=frozenset(active.pairs) if active is not None else frozenset())
     for file in files:
         tally.add(read_stat_columns(file))
-    run = run if run is not None else run_of(path)
     return DatasetStats(
         path=path,
         files=[relative_name(f, base) for f in files],
@@ -282,6 +307,7 @@ def dataset_stats(path: AnyPath | str, run: RunDir | None = None) -> DatasetStat
         parts=part_balance(run) if run else [],
         scores=score_stats(run) if run else None,
         gate=gate_stats(run) if run else None,
+        flags=flag_stats(run, active.summary(), tally.flagged_rows) if active is not None else None,
     )
 
 
@@ -437,7 +463,8 @@ def gate_stats(run: RunDir) -> GateStats | None:
     for counts in parts.values():
         totals.update({k: v for k, v in counts.items() if isinstance(v, int)})
     paths = [path for p in parts if (path := rejects_path(run, EXPORT_STAGE, p)).exists()]
-    reasons = Counter(concat_tables(paths, REJECTS_SCHEMA, ["reason"])["reason"].to_pylist())
+    listed = concat_tables(paths, REJECTS_SCHEMA, ["reason"])["reason"].to_pylist()
+    reasons = Counter(r for r in listed if r.startswith(REJECT_PREFIX))  # not flags' rejects
     return GateStats(
         parts=len(parts),
         annotated=totals["annotated"],
@@ -449,6 +476,21 @@ def gate_stats(run: RunDir) -> GateStats | None:
         dropped={rule: totals[key] for rule, key in DROP_COUNTS.items()},
         false_negatives_removed=totals["dropped_false_negatives"],
         negatives_topped_up=totals["topped_up_negatives"],
+        flag_rejected=totals["flag_rejected_pairs"],
+    )
+
+
+def flag_stats(run: RunDir, summary: dict[str, Any], flagged_rows: int) -> FlagStats:
+    """The flags in force (`summary`), the exported rows of flagged pairs and what the
+    finished export parts left out for flags."""
+    totals: Counter[str] = Counter()
+    for counts in run.part_counts(EXPORT_STAGE).values():
+        totals.update({k: v for k, v in counts.items() if isinstance(v, int)})
+    return FlagStats(
+        summary=summary,
+        flagged_rows=flagged_rows,
+        left_out_pairs=totals["flag_rejected_pairs"],
+        dropped_instructions=totals["flagged_instructions"],
     )
 
 
@@ -467,6 +509,7 @@ def part_balance(run: RunDir) -> list[PartBalance]:
                 failed=parquet_rows(run.part_path(ANNOTATION_FAILURES_DIR, part)),
                 exported=parquet_rows(dataset) if part in exported and dataset.exists() else None,
                 gate_rejected=exported.get(part, {}).get("gate_rejected_pairs", 0),
+                flag_rejected=exported.get(part, {}).get("flag_rejected_pairs", 0),
             )
         )
     return balance
@@ -495,6 +538,8 @@ def format_stats(stats: DatasetStats) -> str:
         lines += _score_lines(stats.scores)
     if stats.gate is not None:
         lines += _gate_lines(stats.gate)
+    if stats.flags is not None:
+        lines.append(flags_line(stats.flags))
     if stats.parts:
         lines += _balance_lines(stats.parts)
     return "\n".join(lines)
@@ -562,7 +607,8 @@ def _gate_lines(gate: GateStats) -> list[str]:
         f"gate (export.filter, {gate.parts} scored parts): {gate.instructions_in} instructions "
         f"in, {gate.instructions_kept} kept; dropped: {dropped}",
         f"  pairs: {gate.annotated} annotated, {gate.rows} exported, {gate.rejected_pairs} "
-        f"rejected ({_counts(gate.reject_reasons)})",
+        f"rejected ({_counts(gate.reject_reasons)})"
+        + (f", {gate.flag_rejected} left out for flags" if gate.flag_rejected else ""),
         f"  hard negatives: {gate.false_negatives_removed} false negatives removed, "
         f"{gate.negatives_topped_up} topped up",
     ]
@@ -571,20 +617,52 @@ def _gate_lines(gate: GateStats) -> list[str]:
     return lines
 
 
+def flags_line(flags: FlagStats) -> str:
+    """`flags: 10 pairs, 1 instruction (by reason: ...; by user: ...); 0 of the exported rows
+    are flagged`, or `flags: none`."""
+    summary = flags.summary
+    if not flags.active:
+        line = "flags: none"
+        if summary["events"]:
+            line += f" ({_plural(summary['events'], 'event')}, every flag undone)"
+    else:
+        reasons = ", ".join(f"{k} {n}" for k, n in summary["by_reason"].items())
+        users = ", ".join(f"{k} {n}" for k, n in summary["by_user"].items())
+        line = (
+            f"flags: {_plural(summary['flagged_pairs'], 'pair')}, "
+            f"{_plural(summary['flagged_instructions'], 'instruction')} (by reason: {reasons}; "
+            f"by user: {users}); {flags.flagged_rows} of the exported rows are flagged"
+        )
+    if flags.left_out_pairs or flags.dropped_instructions:
+        line += (
+            f"; export left out {_plural(flags.left_out_pairs, 'pair')} and "
+            f"{_plural(flags.dropped_instructions, 'instruction')} (--exclude-flagged)"
+        )
+    if summary["unreadable"]:
+        line += f"; {_plural(summary['unreadable'], 'unreadable flag file')} skipped"
+    return line
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _balance_lines(parts: list[PartBalance]) -> list[str]:
     lines = ["parts (pairs = annotated + failed):"]
     for p in parts:
         exported = "" if p.exported is None else f", {p.exported} exported"
         if p.gate_rejected:
             exported += f", {p.gate_rejected} gate-rejected"
+        if p.flag_rejected:
+            exported += f", {p.flag_rejected} left out for flags"
         line = f"  {p.part}: {p.pairs} pairs, {p.annotated} annotated, {p.failed} failed{exported}"
         lines.append(line if p.balanced else f"{line}  <- MISMATCH")
     unbalanced = [p.part for p in parts if not p.balanced]
     if unbalanced:
         lines.append(
             f"MISMATCH in {len(unbalanced)} parts ({', '.join(unbalanced)}): pairs != annotated + "
-            "failed (or exported != annotated - gate-rejected); pairs were lost: re-run "
-            "annotate/export there"
+            "failed (or exported != annotated - gate-rejected - left out for flags); pairs were "
+            "lost: re-run annotate/export there"
         )
     else:
         total = sum(p.pairs for p in parts)

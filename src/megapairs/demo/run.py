@@ -3,6 +3,8 @@ what came out, including how often mined pairs share ground-truth attributes."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -19,7 +21,7 @@ from megapairs.demo.summary import format_summary, read_pairs, summarize_run
 from megapairs.pipeline.report import accounting_errors, format_results
 from megapairs.pipeline.runner import LocalRunner
 from megapairs.pipeline.synthesize import build_stages
-from megapairs.runs import RunDir
+from megapairs.runs import AnyPath, RunDir
 from megapairs.schemas import DATASET_DIR
 
 COMPARED_ATTRIBUTES = ("shape", "colour", "count", "position", "texture", "background")
@@ -189,4 +191,13 @@ def run_demo(
     for problem in problems:
         print(f"CHECK FAILED {problem}")
     print(f"demo: done in {time.perf_counter() - started:.0f} s; run directory {run.root}")
+    print(f"demo: see, search and curate the triplets: {explore_command(run.root)}")
     return 1 if problems else 0
+
+
+def explore_command(run_root: AnyPath) -> str:
+    """The command that opens the explorer on a run, runnable as printed: the `megapairs`
+    beside this Python (a virtualenv's bin) when it is there."""
+    beside = Path(sys.executable).parent / "megapairs"
+    program = str(beside) if beside.exists() else "megapairs"
+    return shlex.join([program, "explore", "--run", str(run_root)])

@@ -180,12 +180,14 @@ def open_stored_rgb(
 
 
 def load_ref_image(ref: ImageRef, square: bool = True) -> Image.Image:
-    """The stored RGB pixels of `ref` (`open_stored_rgb`), cropped to its box (clipped
-    to the image).
+    """The stored RGB pixels of `ref` (`open_stored_rgb`, or the ref's own `open_image()`
+    when it has one: an image that is no file of its own, such as a run's stored corpus
+    image), cropped to its box (clipped to the image).
 
     With `square` a crop is then padded to a square with black, centred, as GeneCIS'
     reference code does (`PAD_CROP`, `expand2square`; boxes come only from GeneCIS)."""
-    image = open_stored_rgb(ref.path)
+    opener = getattr(ref, "open_image", None)
+    image = opener() if callable(opener) else open_stored_rgb(ref.path)
     if ref.box is None:
         return image
     x, y, width, height = ref.box
