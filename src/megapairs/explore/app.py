@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -66,6 +67,7 @@ def create_app(run: RunDir, settings: ExplorerSettings) -> FastAPI:
         redoc_url=None,
     )
     view, images = RunView(run), RecordImages(run)
+    threading.Thread(target=view.warm, name="explore-warm", daemon=True).start()
     app.state.view, app.state.images, app.state.settings = view, images, settings
     app.add_middleware(GuardMiddleware, settings=settings)
     _mount_assets(app)

@@ -337,6 +337,7 @@ class ChannelsBackend:
         captions, _ = ChannelVectors(self.run, self.text_channel).lookup(ids.tolist())
         self.rows = {int(record): row for row, record in enumerate(ids)}
         self.images, self.caption_dim = images, captions.shape[1]
+        self._encoder(self.text_channel)  # loaded with the gallery: the first query is fast
         progress(len(ids), len(ids))
         return ids, np.hstack([images, captions])
 

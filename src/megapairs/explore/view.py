@@ -3,6 +3,7 @@ and the run overview. Reads only finished parts; never writes the run's tables."
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -37,6 +38,8 @@ from megapairs.schemas import (
     SCORES_DIR,
 )
 
+log = logging.getLogger(__name__)
+
 PAIR_ID = re.compile(r"^(\d{1,19})-(\d{1,19})$")
 RECORD_COLUMNS = ["id", "caption", "uri", "width", "height"]
 HISTOGRAM_BINS = 50
@@ -68,6 +71,16 @@ class RunView:
         self._record_ids: np.ndarray | None = None
 
     # caches -----------------------------------------------------------------------
+
+    def warm(self) -> None:
+        """Build the pair index and read the corpus records now (in a background thread at
+        start-up), so the first page does not wait for them; an error here is left for the
+        first request to report."""
+        try:
+            self.index()
+            self.records()
+        except Exception:
+            log.warning("the explorer could not read the run at start-up", exc_info=True)
 
     def index(self) -> pa.Table:
         """The pair index, rebuilt when a mine or annotate part was finished since."""

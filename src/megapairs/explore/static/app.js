@@ -63,7 +63,9 @@ function fmtMs(ms) {
 function fmtTime(iso) {
   if (!iso) return "";
   const d = new Date(iso);
-  return Number.isNaN(d.getTime()) ? String(iso) : d.toLocaleString();
+  if (Number.isNaN(d.getTime())) return String(iso);
+  const two = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
 }
 
 function imgUrl(id, size) {
@@ -106,9 +108,20 @@ function kvTable(obj, cls = "kv") {
   return `<table class="${cls}">${rows.join("") || '<tr><td class="muted">none</td></tr>'}</table>`;
 }
 
+const NON_TEXT_INPUTS = new Set(["checkbox", "radio", "button", "submit", "reset", "file", "range", "color"]);
+
 function isTyping(target) {
   if (!(target instanceof HTMLElement)) return false;
-  return target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName);
+  if (target instanceof HTMLInputElement) return !NON_TEXT_INPUTS.has(target.type);
+  // The filter bar's selects apply on change and keep no typing state: the list keys work there.
+  if (target instanceof HTMLSelectElement) return !target.closest("#filters");
+  return target.isContentEditable || target.tagName === "TEXTAREA";
+}
+
+function blurAfterMouseClick(ev) {
+  // A button clicked with the mouse must not keep the focus: Enter then opens the selected row.
+  const el = ev.target instanceof Element ? ev.target.closest("button, input[type=checkbox]") : null;
+  if (el && ev.detail > 0) el.blur();
 }
 
 /* ---------- errors, busy state, toast ---------- */
@@ -250,7 +263,7 @@ async function explainImage(src, box) {
     await api(src.replace(location.origin, ""));
   } catch (err) {
     const small = document.createElement("small");
-    small.textContent = err.message.replace(/ \(GET [^)]*\)$/, "");
+    small.textContent = err.message.replace(/ \(GET [^)]*\)$/, "").replace(/^\d+: /, "");
     box.title = small.textContent;
     box.append(small);
   }
@@ -615,7 +628,8 @@ function page(delta, select = "first") {
   else p.delete("offset");
   state.pendingSelect = select;
   state.appliedHash = null;
-  navigate(`#/pairs?${p.toString()}`);
+  const qs = p.toString();
+  navigate(qs ? `#/pairs?${qs}` : "#/pairs");
 }
 
 function moveSelection(delta) {
@@ -761,7 +775,7 @@ function historyHtml(events) {
   const rows = events
     .map(
       (e) => `<tr class="action-${esc(e.action)}"><td class="small">${esc(fmtTime(e.time))}</td><td>${esc(e.user)}</td>
-      <td>${esc(e.action)}</td><td>${e.instruction_index === null || e.instruction_index === undefined ? "pair" : "instr. " + esc(e.instruction_index)}</td>
+      <td>${esc(e.action)}</td><td>${e.instruction_index === null || e.instruction_index === undefined ? "pair" : "#" + esc(e.instruction_index)}</td>
       <td>${esc(e.reason)}</td></tr>`
     )
     .join("");
@@ -896,7 +910,7 @@ function histogramSvg(h, { cls, channel = null, window: win = null, label = "" }
   const edges = (h && h.edges) || [];
   const counts = (h && h.counts) || [];
   if (edges.length < 2 || !counts.length) return '<p class="muted">no data</p>';
-  const W = 440, H = 180, L = 40, R = 12, T = 24, B = 26;
+  const W = 370, H = 170, L = 36, R = 30, T = 24, B = 26;
   const x0 = edges[0], x1 = edges[edges.length - 1], span = x1 - x0 || 1;
   const maxC = Math.max(1, ...counts);
   const sx = (v) => L + ((Math.min(Math.max(v, x0), x1) - x0) / span) * (W - L - R);
@@ -910,8 +924,8 @@ function histogramSvg(h, { cls, channel = null, window: win = null, label = "" }
     parts.push(`<rect class="window-band" x="${a}" y="${T}" width="${Math.max(1, b - a)}" height="${H - T - B}"><title>window ${lo} – ${hi}</title></rect>`,
       `<line class="window-edge" x1="${a}" x2="${a}" y1="${T - 4}" y2="${H - B}"/>`,
       `<line class="window-edge" x1="${b}" x2="${b}" y1="${T - 4}" y2="${H - B}"/>`,
-      `<text class="window-label" x="${a - 3}" y="${T - 8}" text-anchor="end">${esc(niceLabel(lo))}</text>`,
-      `<text class="window-label" x="${b + 3}" y="${T - 8}" text-anchor="start">${esc(niceLabel(hi))}</text>`);
+      `<text class="window-label" x="${Math.max(a - 3, 28)}" y="${T - 8}" text-anchor="end">${esc(niceLabel(lo))}</text>`,
+      `<text class="window-label" x="${Math.min(b + 3, W - 28)}" y="${T - 8}" text-anchor="start">${esc(niceLabel(hi))}</text>`);
   }
   counts.forEach((c, i) => {
     const a = sx(edges[i]), b = sx(edges[i + 1]);
@@ -947,7 +961,7 @@ function hbarSvg(items, { id, cls = "chart barchart" }) {
 
 function vbarSvg(items, { id, cls = "chart barchart", label = "" }) {
   if (!items.length) return '<p class="muted">no data</p>';
-  const W = 440, H = 180, L = 40, R = 12, T = 18, B = 30;
+  const W = 370, H = 170, L = 36, R = 12, T = 18, B = 30;
   const maxV = Math.max(1, ...items.map((x) => x.value));
   const slot = (W - L - R) / items.length;
   const bars = items.map((it, i) => {
@@ -989,8 +1003,10 @@ function stagesHtml(stages) {
       const counts = Object.entries(s.counts || {})
         .map(([k, v]) => `<span class="kvp">${esc(k)} <b>${fmtNum(v)}</b></span>`)
         .join(" ");
-      const done = s.parts_done === s.parts_planned ? "done" : "partial";
-      return `<tr><td>${esc(s.stage)}</td><td class="num ${done}">${esc(s.parts_done)}/${esc(s.parts_planned)}</td><td>${counts}</td></tr>`;
+      const planned = s.parts_planned === undefined || s.parts_planned === null ? null : s.parts_planned;
+      const done = planned === null || s.parts_done === planned ? "done" : "partial";
+      const parts = planned === null ? esc(s.parts_done) : `${esc(s.parts_done)}/${esc(planned)}`;
+      return `<tr><td>${esc(s.stage)}</td><td class="num ${done}">${parts}</td><td>${counts}</td></tr>`;
     })
     .join("");
   return `<table id="stages-table" class="grid"><thead><tr><th>stage</th><th>parts</th><th>counts</th></tr></thead><tbody>${rows}</tbody></table>`;
@@ -1215,7 +1231,11 @@ async function showSearch(r) {
   }
   state.search.appliedHash = null;
   updatePreview();
-  await refreshSearchStatus();
+  const st = await refreshSearchStatus();
+  if (st.enabled !== false && st.state === "missing") {
+    await buildGallery(); // first use: embed the gallery now, with its progress bar
+    return;
+  }
   maybeRunRouteSearch();
 }
 
@@ -1225,7 +1245,7 @@ function maybeRunRouteSearch() {
   if (!q.image && !q.text) return;
   const st = state.search.status;
   if (!st || st.state !== "ready") {
-    $("search-meta").textContent = "The search gallery is not built yet: build it to run this search.";
+    $("search-meta").textContent = "The search gallery is being built: the search runs when it is ready.";
     return;
   }
   runSearch(q, null, false).catch(report);
@@ -1399,6 +1419,7 @@ function bind() {
   filters.addEventListener("submit", onFilterSubmit);
   filters.addEventListener("click", onFilterClick);
   $("pairs-table").addEventListener("click", onTableClick);
+  $("pairs-view").addEventListener("click", blurAfterMouseClick);
   $("pager-prev").addEventListener("click", () => page(-1));
   $("pager-next").addEventListener("click", () => page(1));
   const pairView = $("pair-view");
