@@ -71,10 +71,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    """`cmd_search` without the error handling (`args` as `add_search_command` parses)."""
     from megapairs.explore.search import build_search_engine
     from megapairs.runs import RunDir
 
-    """`cmd_search` without the error handling (`args` as `add_search_command` parses)."""
     text = (args.text or "").strip()
     if not args.image and not text:
         raise ValueError("give --image (a record id or an image file), --text, or both")

@@ -81,9 +81,9 @@ def cmd_explore(args: argparse.Namespace) -> int:
     settings.engine, settings.search_off_reason = _search_engine(run, args)
     app = create_app(run, settings)
     sock = _bind(args.host, args.port)
-    print(f"explorer: {_address(sock, args.host, settings, loopback)}", flush=True)
     if settings.engine is None:
         print(f"explorer: search is off ({settings.search_off_reason})", flush=True)
+    print(f"explorer: {_address(sock, args.host, settings, loopback)}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     server.run(sockets=[sock])
     return 0
