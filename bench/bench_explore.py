@@ -13,11 +13,14 @@ Then it starts the real server in its own process (`python -m megapairs explore 
 --port 0 --retriever channels`), times its start-up (until `GET /api/pairs?limit=1`
 answers) and the search gallery's build (`POST /api/search/build`, polled until ready), and
 runs a client in another process (this script with `--client`: one keep-alive httpx
-connection, requests one after the other) that times every request from send to the last
-byte of the body. Prints a Markdown table (p50 / p95 / max per kind of request) and writes
-every number with `--json`.
+connection, or a new connection per request with `--connection fresh`; requests one after
+the other) that times every request from send to the last byte of the body. The thumbnail
+cache (`<run>/explore/thumbnails`) is emptied first, so first thumbnail requests are cold.
+Prints a Markdown table (p50 / p95 / max per kind of request) and writes every number with
+`--json`. The server and client are stopped at the end, also on an error.
 
-    python bench/bench_explore.py --json bench/out/explore.json
+    python bench/bench_explore.py --json bench/out/explore-1m.json
+    python bench/bench_explore.py --connection fresh --json bench/out/explore-1m-fresh.json
     python bench/bench_explore.py --pairs 100000 --corpus 10000   # a quick look
 """
 
@@ -45,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN_META = re.compile(r'<meta name="megapairs-token" content="([^"]+)"')
 ADDRESS_LINE = re.compile(r"explorer: (http://\S+/)")
-CHANNELS = {  # name -> (encoder, model, options, dim, modality, window)
+CHANNELS = {  # name -> (encoder, model, options, dim, modality)
     "image_semantic": ("efficientnet-lite0", "", {"features": "final"}, 1280, "image"),
     "image_pattern": ("efficientnet-lite0", "", {"features": "early"}, 288, "image"),
     "caption": (
@@ -274,7 +277,7 @@ def build_run(args: argparse.Namespace, run_root: Path) -> dict[str, Any]:
         negative_rows = (global_rows[:, None] - negative_steps) % total
         negatives = (negative_rows // per_part) * PART_STRIDE + negative_rows % per_part
         bits = np.zeros((count, len(names)), bool)
-        masks = rng.choice(
+        masks = rng.choice(  # channel bitmasks 1..7: single channels most often
             np.arange(1, 1 << len(names)), count, p=[0.35, 0.3, 0.1, 0.15, 0.03, 0.05, 0.02]
         )
         for b in range(len(names)):
@@ -657,6 +660,7 @@ def measure(args: argparse.Namespace, run_root: Path) -> dict[str, Any]:
     import httpx
 
     shutil.rmtree(run_root / "explore" / "thumbnails", ignore_errors=True)  # cold thumbnails
+    shutil.rmtree(run_root / "explore" / "index", ignore_errors=True)  # the index built cold
     server = Server(run_root, args.workdir / "server.log")
     try:
         base = server.wait_address(300)
@@ -697,6 +701,7 @@ def measure(args: argparse.Namespace, run_root: Path) -> dict[str, Any]:
         memory_end = server.memory_mib()
     finally:
         server.stop()
+    restart = restart_seconds(run_root, args.workdir / "server-restart.log")
     kinds = []
     for group in groups:
         entry = {"name": group["name"], **summary(group["times_ms"]), "errors": group["errors"]}
@@ -711,11 +716,26 @@ def measure(args: argparse.Namespace, run_root: Path) -> dict[str, Any]:
         "server_command": " ".join(shlex.quote(c) for c in server.command),
         "address_printed_s": round(server.address_seconds or 0, 2),
         "first_page_ready_s": round(ready, 2),
+        "restart_first_page_s": round(restart, 2),
         "gallery_build_s": round(gallery_seconds, 2),
         "client_seconds": round(client_seconds, 1),
         "memory_mib": {"ready": memory_ready, "gallery": memory_gallery, "end": memory_end},
         "kinds": kinds,
     }
+
+
+def restart_seconds(run_root: Path, log: Path) -> float:
+    """Seconds from starting the server again to its first page (the index from its cache)."""
+    import httpx
+
+    server = Server(run_root, log)
+    try:
+        base = server.wait_address(300)
+        with httpx.Client(base_url=base, timeout=600) as client:
+            wait_until_answers(client, "/api/pairs?limit=1", 600)
+            return time.perf_counter() - server.started
+    finally:
+        server.stop()
 
 
 def machine() -> dict[str, Any]:
@@ -736,13 +756,15 @@ def report(result: dict[str, Any]) -> str:
     build, measured, info = result["build"], result["measured"], result["machine"]
     lines = [
         f"date {result['date']}, {info['cpu']}, {info['cores']} CPUs, {info['ram_gib']} GiB RAM, "
-        f"python {info['python']}, load average at start {info['load_average']}",
+        f"python {info['python']}, load average (1, 5, 15 min) {info['load_average']} at "
+        f"start, {result['load_average_end']} at the end",
         f"command: {result['command']}",
         f"run: {build['records']:,} corpus records, {build['pairs']:,} pairs, "
         f"{build['instructions']:,} instructions, {build['bytes'] / 2**30:.2f} GiB on disk; "
         f"built in {build['seconds']} s" + (" (reused)" if build.get("reused") else ""),
         f"server: address printed after {measured['address_printed_s']} s, first page "
-        f"answered {measured['first_page_ready_s']} s after the process started; search "
+        f"answered {measured['first_page_ready_s']} s after the process started (index "
+        f"built), {measured['restart_first_page_s']} s after a restart (index cached); search "
         f"gallery built in {measured['gallery_build_s']} s; server RSS (MiB): "
         f"{measured['memory_mib']}",
         f"client: another process, httpx, {result['connection']} connection, one request at "
@@ -775,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         "connection": args.connection,
         "build": build,
         "measured": measured,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
     }
     print(report(result))
     if args.json:

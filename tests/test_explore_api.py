@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
@@ -191,15 +192,24 @@ def test_images_only_by_record_id_no_path_traversal(client, path):
     still_serving(client)
 
 
-def test_a_corrupt_image_in_the_corpus_is_a_422(client, run_copy):
-    rows = pq.read_table(run_copy / "corpus" / "part-00000.parquet").to_pylist()
+def test_a_corrupt_image_in_the_corpus_is_a_422(run_copy, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_copy, run, ignore=shutil.ignore_patterns("explore"))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    corpus_file = run / "corpus" / "part-00000.parquet"
+    corpus = pq.read_table(corpus_file)
+    rows = corpus.to_pylist()
     victim = next(r for r in rows if r["path"])
-    unused = [r for r in rows if r["path"] and r["id"] != victim["id"]][-1]
-    Path(unused["path"]).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    answer = client.get(f"/api/image/{unused['id']}", params={"size": "thumb"})
+    paths = [str(broken) if r["id"] == victim["id"] else r["path"] for r in rows]
+    column = corpus.schema.get_field_index("path")
+    pq.write_table(corpus.set_column(column, "path", pa.array(paths, pa.string())), corpus_file)
+    client = make_client(run)
+    answer = client.get(f"/api/image/{victim['id']}", params={"size": "thumb"})
     assert answer.status_code == 422
-    assert str(unused["id"]) in answer.json()["detail"]
-    assert client.get(f"/api/image/{victim['id']}").status_code == 200
+    assert str(victim["id"]) in answer.json()["detail"]
+    healthy = next(r for r in rows if r["path"] and r["id"] != victim["id"])
+    assert client.get(f"/api/image/{healthy['id']}").status_code == 200
 
 
 def test_rejected_records_that_decode_have_thumbnails(client, run_copy):
@@ -407,3 +417,20 @@ def test_the_demo_prints_a_runnable_explore_command(tmp_path):
     assert Path(words[0]).name == "megapairs" and words[1] == "explore"
     args = build_parser().parse_args(words[1:])
     assert args.run == str(tmp_path / "my run") and args.host == "127.0.0.1"
+
+
+def test_the_pair_index_is_cached_on_disk_and_rebuilt_when_a_part_changes(tmp_path, run_copy):
+    from megapairs.explore.view import RunView
+
+    run = tmp_path / "run"
+    shutil.copytree(run_copy, run, ignore=shutil.ignore_patterns("explore"))
+    first = RunView(RunDir(run)).index()
+    cached = list((run / "explore" / "index").glob("*.parquet"))
+    assert len(cached) == 1
+    assert RunView(RunDir(run)).index().equals(first)
+    marker = next((run / "_progress" / "mine").glob("part-*.json"))
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "touched": 1}))
+    again = RunView(RunDir(run)).index()
+    rebuilt = list((run / "explore" / "index").glob("*.parquet"))
+    assert len(rebuilt) == 1 and rebuilt != cached
+    assert again.equals(first)  # same tables, so the same rows

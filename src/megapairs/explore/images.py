@@ -10,7 +10,6 @@ comes from the decoded format, never from a file name.
 from __future__ import annotations
 
 import io
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -20,7 +19,8 @@ from PIL import Image
 
 from megapairs.corpus.images import ImageRejected, open_rgb
 from megapairs.corpus.store import read_source
-from megapairs.runs import RunDir, atomic_path, is_url, local_path, part_name, read_table
+from megapairs.explore.cache import cache_root
+from megapairs.runs import RunDir, atomic_path, is_url, part_name, read_table
 from megapairs.schemas import CORPUS_DIR, DECODED_DIR, IMAGES_DIR, PART_STRIDE
 
 THUMB_SIDE = 256
@@ -32,7 +32,7 @@ BROWSER_FORMATS = {
     "GIF": "image/gif",
 }
 MAX_RECORD_ID = 2**63 - 1
-CACHE_FOLDER = "explore/thumbnails"
+THUMBNAILS = "thumbnails"
 
 
 class ImageNotFound(LookupError):
@@ -48,9 +48,7 @@ class RecordImages:
 
     def __init__(self, run: RunDir, cache_dir: Path | None = None) -> None:
         self.run = run
-        root = local_path(run.root)
-        default = root / CACHE_FOLDER if root is not None else _temp_cache(run)
-        self.cache_dir = cache_dir or default
+        self.cache_dir = cache_dir or cache_root(run) / THUMBNAILS
         self._sources: OrderedDict[str, dict[int, str | None]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -144,11 +142,3 @@ def _openable(uri: str | None) -> str | None:
     if is_url(uri):
         return uri
     return uri if Path(uri).is_file() else None
-
-
-def _temp_cache(run: RunDir) -> Path:
-    """A per-run thumbnail folder in the temp folder, for runs on object storage."""
-    import hashlib
-
-    digest = hashlib.sha256(run.uri.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "megapairs-explore" / digest

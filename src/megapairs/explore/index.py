@@ -10,6 +10,8 @@ text search scans the annotations' `instructions` column on demand.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -19,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from megapairs.runs import RunDir, concat_tables, list_files
+from megapairs.explore.cache import cache_root
+from megapairs.runs import RunDir, concat_tables, list_files, read_table, write_table
 from megapairs.schemas import (
     ANNOTATION_FAILURES_DIR,
     ANNOTATION_FAILURES_SCHEMA,
@@ -34,6 +37,7 @@ MINE_STAGE, ANNOTATE_STAGE = "mine", "annotate"
 STATUSES = ("annotated", "failed", "pending")
 SORT_KEYS = ("order", "instructions")
 MAX_LIMIT = 500
+INDEX_VERSION = 1  # of the cached index's columns
 MAX_QUERY_CHARS = 200
 _SCORE_FILTER = re.compile(r"^([^:]+):([^:]*):([^:]*)$")
 
@@ -204,6 +208,25 @@ def run_signature(run: RunDir) -> tuple[str, ...]:
     return tuple(names)
 
 
+def cached_index(run: RunDir, channels: list[str], signature: tuple[str, ...]) -> pa.Table:
+    """The pair index from `<run>/explore/index/` when one was built for this signature and
+    these channels, else built now and kept there (older ones removed)."""
+    key = json.dumps([INDEX_VERSION, channels, list(signature)])
+    folder = cache_root(run) / "index"
+    path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.parquet"
+    if path.exists():
+        try:
+            return read_table(path)
+        except (OSError, pa.ArrowException):
+            path.unlink(missing_ok=True)
+    index = build_index(run, channels)
+    write_table(path, index)
+    for old in folder.glob("*.parquet"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return index
+
+
 def build_index(run: RunDir, channels: list[str]) -> pa.Table:
     """One row per finished pair, in run order (part, then position)."""
     pairs = concat_tables(
@@ -246,18 +269,13 @@ def _with_annotations(run: RunDir, base: pa.Table) -> pa.Table:
         ANNOTATION_FAILURES_SCHEMA,
         ["pair_id", "reason", "backend"],
     )
-    instructions = annotated["instructions"]
+    lengths, first = _first_instructions(annotated["instructions"])
     small = pa.table(
         {
             "pair_id": annotated["pair_id"],
             "backend": annotated["backend"],
-            "num_instructions": pc.list_value_length(instructions).cast(pa.int32()),
-            "first_instruction": pc.list_element(
-                pc.if_else(pc.greater(pc.list_value_length(instructions), 0), instructions, None),
-                0,
-            )
-            if annotated.num_rows
-            else pa.array([], pa.string()),
+            "num_instructions": lengths,
+            "first_instruction": first,
         }
     )
     failures = pa.table(
@@ -277,6 +295,16 @@ def _with_annotations(run: RunDir, base: pa.Table) -> pa.Table:
     backend = pc.coalesce(joined["backend"], joined["failure_backend"])
     joined = joined.drop_columns(["backend", "failure_backend"])
     return joined.append_column("status", status).append_column("backend", backend)
+
+
+def _first_instructions(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """Each list's length and first element (null for an empty list), by position in the
+    flattened values rather than a per-row list operation."""
+    listed = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    lengths = pc.list_value_length(listed).fill_null(0).to_numpy().astype(np.int64)
+    starts = np.cumsum(lengths) - lengths
+    first = pc.take(listed.flatten(), pa.array(starts, mask=lengths == 0))
+    return pa.array(lengths, pa.int32()), first
 
 
 def _channel_columns(pairs: pa.Table, channels: list[str]) -> dict[str, pa.Array]:
@@ -319,7 +347,7 @@ def select(
     index: pa.Table,
     chosen: PairFilter,
     flagged_pairs: set[str],
-    matching_text: set[str] | None,
+    matching_text: pa.Array | None,
 ) -> Page:
     """Filter, sort and page the index."""
     started = time.perf_counter()
@@ -331,7 +359,7 @@ def select(
 
 
 def _expression(
-    chosen: PairFilter, flagged_pairs: set[str], matching_text: set[str] | None
+    chosen: PairFilter, flagged_pairs: set[str], matching_text: pa.Array | None
 ) -> pc.Expression | None:
     parts: list[pc.Expression] = []
     for channel in chosen.channels:
@@ -358,7 +386,7 @@ def _expression(
         inside = pc.field("pair_id").isin(pa.array(sorted(flagged_pairs), pa.string()))
         parts.append(inside if chosen.flagged else ~inside)
     if matching_text is not None:
-        parts.append(pc.field("pair_id").isin(pa.array(sorted(matching_text), pa.string())))
+        parts.append(pc.field("pair_id").isin(matching_text))
     if not parts:
         return None
     expression = parts[0]
@@ -377,17 +405,28 @@ def _sorted(table: pa.Table, sort: str) -> pa.Table:
     return table.sort_by([(column, direction), ("order", "ascending")])
 
 
-def text_matches(run: RunDir, text: str) -> set[str]:
-    """Pair ids of the annotations with an instruction containing `text` (any case)."""
-    annotated = concat_tables(
-        run.files(ANNOTATIONS_DIR, ANNOTATE_STAGE), ANNOTATIONS_SCHEMA, ["pair_id", "instructions"]
-    )
-    if annotated.num_rows == 0:
-        return set()
-    listed = annotated["instructions"].combine_chunks()
-    hit = pc.match_substring(listed.flatten(), text, ignore_case=True)
-    parents = pc.list_parent_indices(listed).filter(hit)
-    return set(annotated["pair_id"].take(pc.unique(parents)).to_pylist())
+class InstructionText:
+    """Every instruction lower-cased with its pair id, read on the first text search and
+    kept (about 100 bytes per instruction), so later searches only scan memory."""
+
+    def __init__(self, run: RunDir) -> None:
+        annotated = concat_tables(
+            run.files(ANNOTATIONS_DIR, ANNOTATE_STAGE),
+            ANNOTATIONS_SCHEMA,
+            ["pair_id", "instructions"],
+        )
+        listed = annotated["instructions"].combine_chunks() if annotated.num_rows else None
+        if listed is None:
+            self.texts, self.pair_ids = pa.array([], pa.string()), pa.array([], pa.string())
+            return
+        self.texts = pc.utf8_lower(listed.flatten())
+        self.pair_ids = annotated["pair_id"].take(pc.list_parent_indices(listed))
+
+    def matches(self, text: str) -> pa.Array:
+        """Pair ids with an instruction containing `text` (any case), each once."""
+        hit = pc.match_substring(self.texts, text.lower())
+        found = pc.unique(self.pair_ids.filter(hit))
+        return found.combine_chunks() if isinstance(found, pa.ChunkedArray) else found
 
 
 def row_dicts(rows: pa.Table, channels: list[str]) -> list[dict[str, Any]]:

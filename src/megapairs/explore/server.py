@@ -105,7 +105,9 @@ def _search_engine(run: RunDir, args: argparse.Namespace) -> tuple[Any, str]:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, as uvicorn's own bind: asyncio sets TCP_NODELAY only on such sockets, and
+    # without it every keep-alive answer waits ~40 ms for the client's delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -7,7 +7,7 @@ import logging
 import math
 import re
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 import numpy as np
@@ -20,12 +20,12 @@ from megapairs.dataset.flags import ActiveFlags, FlagStore
 from megapairs.demo.summary import channel_windows, stored_config
 from megapairs.explore.index import (
     ANNOTATE_STAGE,
+    InstructionText,
     PairFilter,
-    build_index,
+    cached_index,
     row_dicts,
     run_signature,
     select,
-    text_matches,
 )
 from megapairs.neighbours.calibrate import GRID, ScoreHistogram
 from megapairs.runs import RunDir, concat_tables, part_name, read_table
@@ -44,6 +44,7 @@ PAIR_ID = re.compile(r"^(\d{1,19})-(\d{1,19})$")
 RECORD_COLUMNS = ["id", "caption", "uri", "width", "height"]
 HISTOGRAM_BINS = 50
 REJECT_EXAMPLES = 8
+TEXT_MATCHES_KEPT = 16  # text searches whose matching pairs are kept
 QUALITY_FIELDS = (
     "rank", "margin", "text_only_rank", "image_only_rank", "text_shortcut", "image_shortcut",
     "judge_verdict", "judge_reason", "scorer",
@@ -66,7 +67,8 @@ class RunView:
         self._signature: tuple[str, ...] | None = None
         self._index: pa.Table | None = None
         self._overview: dict[str, Any] | None = None
-        self._text: tuple[str, set[str]] | None = None
+        self._text: InstructionText | None = None
+        self._matches: OrderedDict[str, pa.Array] = OrderedDict()
         self._records: pa.Table | None = None
         self._record_ids: np.ndarray | None = None
 
@@ -79,6 +81,7 @@ class RunView:
         try:
             self.index()
             self.records()
+            self.overview()
         except Exception:
             log.warning("the explorer could not read the run at start-up", exc_info=True)
 
@@ -87,17 +90,25 @@ class RunView:
         signature = run_signature(self.run)
         with self._lock:
             if self._index is None or signature != self._signature:
-                self._index = build_index(self.run, self.channels)
+                self._index = cached_index(self.run, self.channels, signature)
                 self._signature = signature
                 self._overview = None
                 self._text = None
                 self._records = None
             return self._index
 
-    def _matching(self, text: str) -> set[str]:
-        if self._text is None or self._text[0] != text.lower():
-            self._text = (text.lower(), text_matches(self.run, text))
-        return self._text[1]
+    def _matching(self, text: str) -> pa.Array:
+        with self._lock:
+            if self._text is None:
+                self._text = InstructionText(self.run)
+                self._matches.clear()
+            key = text.lower()
+            if key not in self._matches:
+                self._matches[key] = self._text.matches(text)
+                while len(self._matches) > TEXT_MATCHES_KEPT:
+                    self._matches.popitem(last=False)
+            self._matches.move_to_end(key)
+            return self._matches[key]
 
     def records(self) -> tuple[np.ndarray, pa.Table]:
         """Corpus records sorted by id: (ids, table of RECORD_COLUMNS)."""
