@@ -12,6 +12,7 @@ from megapairs import __version__
 from megapairs.config import ConfigError, PipelineConfig, load_config
 from megapairs.explore.search_command import add_search_command
 from megapairs.explore.server import add_explore_command
+from megapairs.models.export import add_export_model_command
 from megapairs.pipeline import RUNNERS
 
 EPILOG = """examples:
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_command(commands)
     add_explore_command(commands)
     add_search_command(commands)
+    add_export_model_command(commands)
     summary = commands.add_parser("summary", help="print what a run holds")
     summary.add_argument("--run", required=True, help="run directory or object-store URL")
     summary.add_argument("--examples", type=int, default=5, help="example pairs to show")

@@ -55,6 +55,8 @@ from megapairs.models.base import RETRIEVERS
 from megapairs.models.common import (
     CheckpointKind,
     PathLike,
+    activation_checkpointing_on,
+    enable_activation_checkpointing,
     encode_in_batches,
     image_transform_parts,
     preprocessing_key,
@@ -240,6 +242,16 @@ class MMRetCLIP(torch.nn.Module):
     def dim(self) -> int:
         """The size of every embedding (CLIP's projection size)."""
         return int(self.clip.config.projection_dim)
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute the layer activations of both CLIP towers in backward instead of keeping
+        them (non-reentrant, RNG state preserved: the same gradients); train mode only."""
+        enable_activation_checkpointing(self.clip)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether the CLIP towers' layers are checkpointed."""
+        return activation_checkpointing_on(self.clip)
 
     # tensors: differentiable, for training -----------------------------------
 

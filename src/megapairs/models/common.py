@@ -8,7 +8,9 @@
   by batch without gradients in eval mode (`eval_mode`, `slice_or_none`);
 - `read_settings`: the small JSON file a retriever saves beside its weights;
 - `preprocessing_key` and `image_transform_parts`: a short string naming everything that
-  turns a user's item into model inputs (each retriever's `preprocessing_key`).
+  turns a user's item into model inputs (each retriever's `preprocessing_key`);
+- `enable_activation_checkpointing` and `activation_checkpointing_on`: transformers'
+  activation (gradient) checkpointing of a model's layers, switched on and read back.
 """
 
 from __future__ import annotations
@@ -189,6 +191,33 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         module.train(was_training)
+
+
+# activation checkpointing -----------------------------------------------------
+
+CHECKPOINT_OPTIONS = {"use_reentrant": False}
+"""`torch.utils.checkpoint` keywords: non-reentrant (inputs need not require gradients, so
+frozen embeddings under LoRA need no `enable_input_require_grads`, and DDP works);
+`preserve_rng_state` stays on (its default), so the recomputed forward draws the dropout
+masks of the first one, also inside a gradient-cached chunk replay."""
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Checkpoint every layer of a transformers `PreTrainedModel` and of its sub-models
+    (a LLaVA vision tower and language model alike): their activations are recomputed in
+    backward instead of kept. It acts in train mode only, with gradients enabled."""
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in newer transformers
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINT_OPTIONS)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINT_OPTIONS)
+
+
+def activation_checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether any layer of `model` is checkpointed (what transformers'
+    `is_gradient_checkpointing` reports, without its deprecation warning)."""
+    return any(
+        getattr(module, "gradient_checkpointing", False) is True for module in model.modules()
+    )
 
 
 # preprocessing keys -----------------------------------------------------------

@@ -69,6 +69,8 @@ from megapairs.models.base import RETRIEVERS
 from megapairs.models.common import (
     CheckpointKind,
     PathLike,
+    activation_checkpointing_on,
+    enable_activation_checkpointing,
     encode_in_batches,
     image_transform_parts,
     preprocessing_key,
@@ -413,6 +415,17 @@ class MMRetMLLM(torch.nn.Module):
     def dim(self) -> int:
         """The size of every embedding (the language model's hidden size)."""
         return int(self.llava.config.text_config.hidden_size)
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute the layer activations of the vision tower and the language model in
+        backward instead of keeping them (non-reentrant, RNG state preserved: the same
+        gradients, LoRA dropout included); train mode only."""
+        enable_activation_checkpointing(self.llava)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether the LLaVA-NeXT layers are checkpointed."""
+        return activation_checkpointing_on(self.llava)
 
     # tensors: differentiable, for training -----------------------------------
 

@@ -28,11 +28,13 @@ RESUMABLE_CHANGES = frozenset(
         "keep_checkpoints",
         "num_workers",
         "chunk_size",
+        "activation_checkpointing",
         "eval",
     }
 )
 """Top-level settings that may differ when a run resumes: they change how a run is
-carried out or recorded, not its losses (gradient caching equals the plain step; an
+carried out or recorded, not its losses (gradient caching equals the plain step;
+activation checkpointing recomputes the same forward, dropout masks included; an
 evaluation leaves the random generators and the weights as it found them)."""
 
 
@@ -116,6 +118,7 @@ class TrainConfig(Section):
     optim: OptimSettings = OptimSettings()
     batch_size: int = Field(2048, ge=1)  # queries per step and process
     chunk_size: int = Field(0, ge=0)  # gradient caching chunk (items per forward); 0: off
+    activation_checkpointing: bool = False  # recompute layer activations in backward
     steps: int = Field(15_000, ge=1)
     temperature: float = Field(0.02, gt=0.0)
     mixed_precision: MixedPrecision = "bf16"

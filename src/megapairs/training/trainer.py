@@ -8,7 +8,9 @@ reads `batch_size` queries per process (`BatchStream`), embeds them and their 1 
 candidates and minimises `InfoNCELoss` (candidates all-gathered across processes). With
 `chunk_size` > 0 the step is gradient-cached (`gradcache_step`, DDP gradients synchronised
 once), so a batch of 2048 fits the memory of a chunk; otherwise it is one forward and
-backward.
+backward. `activation_checkpointing` makes the model's transformer layers recompute their
+activations in backward (`enable_activation_checkpointing` of the retriever): less memory
+per item, more compute, the same gradients.
 
 Output folder:
 
@@ -195,6 +197,8 @@ class _TrainingRun:
             evaluator.check()  # a wrong data root fails now, not after the first steps
         source = str(resume / "model") if resume else None
         adapter = build_adapter(config.model, source, device=accelerator.device)
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(adapter.model)
         batches = _batch_stream(config, adapter, accelerator)
         optimizer = torch.optim.AdamW(
             adapter.trainable_parameters(),
@@ -464,6 +468,14 @@ def _cpu_processes() -> bool:
     cores): accelerate runs them as one gloo group only when told they are CPU processes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     return world_size > 1 and not torch.cuda.is_available()
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Switch on the retriever's activation checkpointing; ValueError if it has none."""
+    enable = getattr(model, "enable_activation_checkpointing", None)
+    if enable is None:
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
+    enable()
 
 
 def _batch_stream(config: TrainConfig, adapter: TrainingAdapter, accelerator: Any) -> BatchStream:
