@@ -10,14 +10,12 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from explore_fixtures import explorer
 
 from megapairs.cli import main as cli_main
 
@@ -32,7 +30,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 FLAGGED = 10
-ADDRESS = re.compile(r"explorer: (http://127\.0\.0\.1:\d+/)")
 
 
 def browser_or_skip() -> None:
@@ -57,29 +54,8 @@ def served_run(explore_demo_run: Path, tmp_path: Path) -> Iterator[tuple[Path, s
     browser_or_skip()
     run = tmp_path / "run"
     shutil.copytree(explore_demo_run, run)
-    command = [sys.executable, "-m", "megapairs", "explore", "--run", str(run), "--port", "0"]
-    command += ["--user", "browser-test"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        address = _address(server)
+    with explorer(run, "--user", "browser-test") as (address, _):
         yield run, address
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-
-
-def _address(server: subprocess.Popen) -> str:
-    assert server.stdout is not None
-    seen = []
-    for line in server.stdout:
-        seen.append(line)
-        match = ADDRESS.search(line)
-        if match:
-            return match.group(1)
-    raise AssertionError(f"the explorer printed no address: {''.join(seen)}")
 
 
 def test_browse_filter_open_flag_and_export_without_flagged(served_run, tmp_path):

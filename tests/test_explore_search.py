@@ -5,7 +5,6 @@ engine, images read from an archive run's image store), state and errors, and th
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import shutil
@@ -36,7 +35,7 @@ from megapairs.explore.search import (
     decode_upload,
     run_config,
 )
-from megapairs.explore.search_command import add_search_command, format_table
+from megapairs.explore.search_command import format_table
 from megapairs.models.clip import MMRetCLIP
 from megapairs.quality.scorers import ChannelsScorer, build_channels_scorer, resolve_channels
 from megapairs.runs import RunDir
@@ -334,10 +333,9 @@ def test_archive_run_images_come_from_the_runs_image_store(tmp_path, tiny_clip):
 
 
 def search_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="megapairs")
-    add_search_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["search", *argv])
-    return int(args.handler(args))
+    from megapairs.cli import main
+
+    return main(["search", *argv])
 
 
 def test_cli_prints_a_table_of_hits_with_captions(engine, explore_demo_run, capsys):

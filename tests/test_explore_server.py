@@ -4,45 +4,12 @@ its own process on a real port, and the search command through the CLI's entry p
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
+from explore_fixtures import explorer
 
 from megapairs.cli import main as cli_main
-
-ADDRESS = re.compile(r"explorer: (http://\S+)")
-
-
-@contextmanager
-def explorer(run: Path, *options: str) -> Iterator[tuple[str, list[str]]]:
-    """A running `megapairs explore` and its printed address (and lines printed before)."""
-    command = [sys.executable, "-m", "megapairs", "explore", "--run", str(run), "--port", "0"]
-    server = subprocess.Popen(
-        [*command, *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    seen: list[str] = []
-    try:
-        assert server.stdout is not None
-        for line in server.stdout:
-            seen.append(line)
-            match = ADDRESS.search(line)
-            if match:
-                yield match.group(1), seen
-                break
-        else:
-            raise AssertionError(f"no address printed: {''.join(seen)}")
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def test_explore_serves_loopback_by_default(explore_demo_run):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,21 +56,8 @@ def add_search_command(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    """Run one search and print its hits; an error is one `error:` line and exit code 2."""
-    from megapairs.config import ConfigError
-    from megapairs.redaction import redact
-
-    try:
-        return run_search(args)
-    except (ConfigError, OSError, ValueError, RuntimeError) as err:
-        if os.environ.get("MEGAPAIRS_DEBUG"):
-            raise
-        print(f"megapairs search: error: {redact(str(err))}", file=sys.stderr)
-        return 2
-
-
-def run_search(args: argparse.Namespace) -> int:
-    """`cmd_search` without the error handling (`args` as `add_search_command` parses)."""
+    """Run one search and print its hits; errors are raised for `megapairs.cli.main`, which
+    prints them as one `error:` line with exit code 2."""
     from megapairs.explore.search import build_search_engine
     from megapairs.runs import RunDir
 
