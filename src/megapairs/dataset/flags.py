@@ -36,7 +36,7 @@ ACTIONS = ("flag", "unflag")
 REASONS = ("unrelated_pair", "wrong_instruction", "false_negative", "near_duplicate", "other")
 MAX_REASON = 200
 MAX_USER = 100
-PAIR_ID = re.compile(r"^\d+-\d+$")
+PAIR_ID = re.compile(r"^\d{1,19}-\d{1,19}$")  # two int64 record ids
 TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 EVENT_NAME = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}$")
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from megapairs.explore.cache import cache_root
-from megapairs.runs import RunDir, concat_tables, list_files, read_table, write_table
+from megapairs.runs import RunDir, concat_tables, list_files, part_name, read_table, write_table
 from megapairs.schemas import (
     ANNOTATION_FAILURES_DIR,
     ANNOTATION_FAILURES_SCHEMA,
@@ -254,7 +254,7 @@ def build_index(run: RunDir, channels: list[str]) -> pa.Table:
 
 def _part_names(query_ids: pa.ChunkedArray) -> pa.Array:
     parts = query_ids.to_numpy() // PART_STRIDE
-    names = pa.array([f"part-{p:05d}" for p in range(int(parts.max()) + 1 if len(parts) else 0)])
+    names = pa.array([part_name(p) for p in range(int(parts.max()) + 1 if len(parts) else 0)])
     return pa.DictionaryArray.from_arrays(pa.array(parts, pa.int32()), names)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 from collections import Counter, OrderedDict
 from typing import Any
@@ -16,7 +15,8 @@ import pyarrow.compute as pc
 
 from megapairs.config import PipelineConfig
 from megapairs.corpus.store import read_corpus, read_rejects
-from megapairs.dataset.flags import ActiveFlags, FlagStore
+from megapairs.dataset.flags import PAIR_ID, ActiveFlags, FlagEvent, FlagStore, pair_part
+from megapairs.dataset.stats import word_counts
 from megapairs.demo.summary import channel_windows, stored_config
 from megapairs.explore.index import (
     ANNOTATE_STAGE,
@@ -28,19 +28,18 @@ from megapairs.explore.index import (
     select,
 )
 from megapairs.neighbours.calibrate import GRID, ScoreHistogram
-from megapairs.runs import RunDir, concat_tables, part_name, read_table
+from megapairs.pipeline.runner import sum_counts
+from megapairs.runs import RunDir, concat_tables, read_table
 from megapairs.schemas import (
     ANNOTATION_FAILURES_DIR,
     ANNOTATIONS_DIR,
     ANNOTATIONS_SCHEMA,
     PAIRS_DIR,
-    PART_STRIDE,
     SCORES_DIR,
 )
 
 log = logging.getLogger(__name__)
 
-PAIR_ID = re.compile(r"^(\d{1,19})-(\d{1,19})$")
 RECORD_COLUMNS = ["id", "caption", "uri", "width", "height"]
 HISTOGRAM_BINS = 50
 REJECT_EXAMPLES = 8
@@ -156,17 +155,17 @@ class RunView:
 
     def pair(self, pair_id: str) -> dict[str, Any]:
         """Everything known about one pair; UnknownPair when no finished pair has the id."""
-        match = PAIR_ID.match(pair_id)
-        if match is None:
+        if PAIR_ID.match(pair_id) is None:
             raise UnknownPair(f"{pair_id!r} is not a pair id (QUERY-TARGET, two record ids)")
-        part = part_name(int(match.group(1)) // PART_STRIDE)
+        part = pair_part(pair_id)
         mined = self._row(PAIRS_DIR, "mine", part, pair_id)
         if mined is None:
             raise UnknownPair(f"no finished pair {pair_id}")
         annotation = self._row(ANNOTATIONS_DIR, "annotate", part, pair_id)
         failure = self._row(ANNOTATION_FAILURES_DIR, "annotate", part, pair_id)
         scores = self._scores(part, pair_id)
-        active = self.flags.active()
+        events = self.flags.events()
+        active = ActiveFlags.replay(events)
         return {
             "pair_id": pair_id,
             "part": part,
@@ -183,7 +182,7 @@ class RunView:
             "dropped_instructions": annotation["dropped_instructions"] if annotation else [],
             "provenance": _provenance(annotation or failure),
             "failure": _failure(failure),
-            **_pair_flags(pair_id, active, self.flags),
+            **_pair_flags(pair_id, active, events),
         }
 
     def _row(self, folder: str, stage: str, part: str, pair_id: str) -> dict[str, Any] | None:
@@ -236,12 +235,7 @@ class RunView:
         out = []
         for name in stages:
             counts = self.run.part_counts(name)
-            summed: Counter[str] = Counter()
-            for part in counts.values():
-                for key, value in part.items():
-                    if isinstance(value, int | float) and not isinstance(value, bool):
-                        summed[key] += value
-            out.append({"stage": name, "parts_done": len(counts), "counts": dict(summed)})
+            out.append({"stage": name, "parts_done": len(counts), "counts": sum_counts(counts)})
         return out
 
     def _channel_charts(self, index: pa.Table) -> list[dict[str, Any]]:
@@ -311,9 +305,9 @@ def _failure(row: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: row[k] for k in keys}
 
 
-def _pair_flags(pair_id: str, active: ActiveFlags, store: FlagStore) -> dict[str, Any]:
+def _pair_flags(pair_id: str, active: ActiveFlags, events: list[FlagEvent]) -> dict[str, Any]:
     flag = active.pairs.get(pair_id)
-    history = [e.as_dict() for e in store.events() if e.pair_id == pair_id]
+    history = [e.as_dict() for e in events if e.pair_id == pair_id]
     return {"flagged": flag is not None, "flag": flag.as_dict() if flag else None, "flags": history}
 
 
@@ -368,8 +362,7 @@ def _instruction_words(run: RunDir) -> dict[str, list[int]]:
     )
     if table.num_rows == 0:
         return {"edges": [], "counts": []}
-    texts = table["instructions"].combine_chunks().flatten()
-    words = pc.list_value_length(pc.utf8_split_whitespace(texts)).to_numpy()
+    words = word_counts(table["instructions"]).to_numpy(zero_copy_only=False)
     top = int(words.max()) + 1
     counts = np.bincount(words, minlength=top)
     return {"edges": list(range(top + 1)), "counts": counts.tolist()}
