@@ -68,7 +68,7 @@ def create_app(run: RunDir, settings: ExplorerSettings) -> FastAPI:
     )
     view, images = RunView(run), RecordImages(run)
     threading.Thread(target=view.warm, name="explore-warm", daemon=True).start()
-    app.state.view, app.state.images, app.state.settings = view, images, settings
+    app.state.settings = settings
     app.add_middleware(GuardMiddleware, settings=settings)
     _mount_assets(app)
     _page_routes(app, settings)
@@ -239,19 +239,18 @@ def _flag_routes(app: FastAPI, view: RunView, settings: ExplorerSettings) -> Non
     @app.post("/api/flags", status_code=201, summary="flag or unflag a pair or an instruction")
     def add_flag(body: FlagRequest) -> dict[str, Any]:
         try:
-            detail = view.pair(body.pair_id)
+            listed = view.instructions(body.pair_id)
         except UnknownPair as err:
             raise HTTPException(404, err.args[0]) from None
         text = None
         if body.instruction_index is not None:
-            listed = detail["instructions"]
             if body.instruction_index >= len(listed):
                 raise HTTPException(
                     400,
                     f"pair {body.pair_id} has {len(listed)} instructions, "
                     f"no index {body.instruction_index}",
                 )
-            text = listed[body.instruction_index]["text"]
+            text = listed[body.instruction_index]
         try:
             event = view.flags.add(
                 body.pair_id,

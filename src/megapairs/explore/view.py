@@ -15,11 +15,13 @@ import pyarrow.compute as pc
 
 from megapairs.config import PipelineConfig
 from megapairs.corpus.store import read_corpus, read_rejects
+from megapairs.dataset.export import SCORE_STAGE
 from megapairs.dataset.flags import PAIR_ID, ActiveFlags, FlagEvent, FlagStore, pair_part
 from megapairs.dataset.stats import word_counts
 from megapairs.demo.summary import channel_windows, stored_config
 from megapairs.explore.index import (
     ANNOTATE_STAGE,
+    MINE_STAGE,
     InstructionText,
     PairFilter,
     cached_index,
@@ -155,14 +157,9 @@ class RunView:
 
     def pair(self, pair_id: str) -> dict[str, Any]:
         """Everything known about one pair; UnknownPair when no finished pair has the id."""
-        if PAIR_ID.match(pair_id) is None:
-            raise UnknownPair(f"{pair_id!r} is not a pair id (QUERY-TARGET, two record ids)")
-        part = pair_part(pair_id)
-        mined = self._row(PAIRS_DIR, "mine", part, pair_id)
-        if mined is None:
-            raise UnknownPair(f"no finished pair {pair_id}")
-        annotation = self._row(ANNOTATIONS_DIR, "annotate", part, pair_id)
-        failure = self._row(ANNOTATION_FAILURES_DIR, "annotate", part, pair_id)
+        part, mined = self._mined(pair_id)
+        annotation = self._row(ANNOTATIONS_DIR, ANNOTATE_STAGE, part, pair_id)
+        failure = self._row(ANNOTATION_FAILURES_DIR, ANNOTATE_STAGE, part, pair_id)
         scores = self._scores(part, pair_id)
         events = self.flags.events()
         active = ActiveFlags.replay(events)
@@ -185,6 +182,23 @@ class RunView:
             **_pair_flags(pair_id, active, events),
         }
 
+    def instructions(self, pair_id: str) -> list[str]:
+        """The pair's annotated instructions ([] before or without an annotation);
+        UnknownPair when no finished pair has the id."""
+        part, _ = self._mined(pair_id)
+        annotation = self._row(ANNOTATIONS_DIR, ANNOTATE_STAGE, part, pair_id)
+        return annotation["instructions"] if annotation else []
+
+    def _mined(self, pair_id: str) -> tuple[str, dict[str, Any]]:
+        """The pair's part and mined row; UnknownPair for a malformed or unknown id."""
+        if PAIR_ID.match(pair_id) is None:
+            raise UnknownPair(f"{pair_id!r} is not a pair id (QUERY-TARGET, two record ids)")
+        part = pair_part(pair_id)
+        mined = self._row(PAIRS_DIR, MINE_STAGE, part, pair_id)
+        if mined is None:
+            raise UnknownPair(f"no finished pair {pair_id}")
+        return part, mined
+
     def _row(self, folder: str, stage: str, part: str, pair_id: str) -> dict[str, Any] | None:
         path = self.run.part_path(folder, part)
         if not self.run.is_done(stage, part) or not path.exists():
@@ -194,7 +208,7 @@ class RunView:
 
     def _scores(self, part: str, pair_id: str) -> dict[int, dict[str, Any]]:
         path = self.run.part_path(SCORES_DIR, part)
-        if not self.run.is_done("score", part) or not path.exists():
+        if not self.run.is_done(SCORE_STAGE, part) or not path.exists():
             return {}
         rows = read_table(path, filters=pc.field("pair_id") == pair_id).to_pylist()
         return {row["instruction_index"]: row for row in rows}
