@@ -157,6 +157,8 @@ class ChatServer:
         self._requests: list[RecordedRequest] = []
         self._answered: list[RecordedRequest] = []
         self._dead = False
+        # die (as `kill`) on receiving this many chat requests: exactly that many are recorded
+        self.die_after: int | None = None
         self._port: int | None = None  # of the last start, for `revive`
         self._seen: Counter[str] = Counter()
         self._in_flight = 0
@@ -278,6 +280,9 @@ class ChatServer:
             if self._dead:
                 return _Reply(200, b"", disconnect=True)
             self._requests.append(record)
+            if self.die_after is not None and len(self._requests) >= self.die_after:
+                self._dead = True  # from this request on, under the same lock
+                threading.Thread(target=self.kill, daemon=True).start()
         reply = _fault_reply(fault, body, headers, faults) if fault else None
         if reply is None:
             answer = self.answer(body)

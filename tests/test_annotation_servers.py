@@ -388,15 +388,16 @@ def annotate(run: RunDir, config: PipelineConfig) -> StageResult:
 
 
 def kill_after(server: ChatServer, requests: int, others: list[ChatServer]) -> dict[str, Any]:
-    """Kill `server` in a thread once it has received `requests`; the returned dict gets
-    what each server had answered then, and the thread."""
+    """Make `server` die on receiving its `requests`-th request (atomically: a watcher
+    polling the count could let one more in); the returned dict gets, from a thread, what
+    each other server had answered when it died, and that thread."""
     seen: dict[str, Any] = {}
+    server.die_after = requests
 
     def watch() -> None:
         deadline = time.monotonic() + 30
         while len(server.requests) < requests and time.monotonic() < deadline:
             time.sleep(0.001)
-        server.kill()
         seen["answered"] = [len(s.answered) for s in others]
 
     seen["thread"] = threading.Thread(target=watch, daemon=True)
